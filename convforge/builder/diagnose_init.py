@@ -1,0 +1,182 @@
+"""The lecture's weight-initialization experiment: activation statistics by depth.
+
+Push one batch of unit-Gaussian inputs through a freshly initialized model and
+record the mean and standard deviation of every activation layer's output, in
+forward order. Too small an init shrinks the std layer by layer toward zero;
+Kaiming (ReLU) and Xavier (tanh) keep it about constant. Norm layers use the
+batch's own statistics (as in a first training step) and dropout is off, so
+the numbers show what the weights alone do to the signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from convforge.builder.layers import ACTIVATION_TYPES
+from convforge.builder.registry import ModelConfig, build_model
+from convforge.console import format_table
+from convforge.errors import UserError
+from convforge.files import atomic_write
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    layer: str  # the activation module's name in the model
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class InitRun:
+    """Per-layer statistics of one model under one init rule."""
+
+    config: ModelConfig  # resolved: init and norm filled in
+    layers: list[LayerStats]
+
+    @property
+    def depth_ratio(self) -> float:
+        """std of the deepest activation layer / std of the first (1.0 = no drift)."""
+        first = self.layers[0].std
+        return self.layers[-1].std / first if first > 0 else float("nan")
+
+
+def activation_stats(model: nn.Module, x: torch.Tensor) -> list[LayerStats]:
+    """Run ``x`` through ``model`` and return each activation module's output statistics.
+
+    A module called more than once appears once per call, suffixed ``#2``, ``#3``.
+    """
+    stats: list[LayerStats] = []
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            label = name if calls[name] == 1 else f"{name}#{calls[name]}"
+            out = output.detach().double()
+            stats.append(LayerStats(label, out.mean().item(), out.std().item()))
+
+        return record
+
+    handles = [
+        m.register_forward_hook(hook(name))
+        for name, m in model.named_modules()
+        if isinstance(m, ACTIVATION_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not stats:
+        raise UserError("the model has no activation layers to measure")
+    return stats
+
+
+def run_init_experiment(
+    config: ModelConfig,
+    inits: list[str],
+    input_size: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[InitRun]:
+    """Measure ``config``'s model once per init rule in ``inits``, same inputs for all."""
+    if batch_size < 2:
+        raise UserError(f"batch size must be at least 2 (batch statistics), got {batch_size}")
+    if input_size < 1:
+        raise UserError(f"input size must be a positive number of pixels, got {input_size}")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, config.in_channels, input_size, input_size, generator=gen)
+    runs = []
+    for init in inits:
+        cfg = dataclasses.replace(config, init=init).resolved()
+        torch.manual_seed(seed)
+        model = build_model(cfg).train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        try:
+            layers = activation_stats(model, x)
+        except (RuntimeError, ValueError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(
+                f"{cfg.arch} with stem {cfg.stem!r} cannot take {input_size} px input: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+        runs.append(InitRun(cfg, layers))
+    return runs
+
+
+def plot_init_experiment(runs: list[InitRun], path) -> None:
+    """Write a PNG: std (log scale) and mean of each activation layer, one line per init."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    cfg = runs[0].config
+    fig, (ax_std, ax_mean) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        depth = range(1, len(run.layers) + 1)
+        stds = [max(s.std, 1e-30) for s in run.layers]
+        ax_std.plot(depth, stds, marker="o", ms=3, label=run.config.init)
+        ax_mean.plot(depth, [s.mean for s in run.layers], marker="o", ms=3, label=run.config.init)
+    ax_std.set_yscale("log")
+    ax_std.set(xlabel="activation layer", ylabel="std of activations", title="std by depth")
+    ax_mean.set(xlabel="activation layer", ylabel="mean of activations", title="mean by depth")
+    for ax in (ax_std, ax_mean):
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="init")
+    opts = "".join(f", {k}={v}" for k, v in cfg.options.items())
+    fig.suptitle(f"{cfg.arch}{opts}: activation={cfg.activation}, norm={cfg.norm}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
+
+
+def as_record(runs: list[InitRun]) -> dict:
+    """JSON-ready summary: the shared config, then per init the layer table and depth ratio."""
+    base = dataclasses.asdict(runs[0].config)
+    base.pop("init")
+    return {
+        "config": base,
+        "runs": [
+            {
+                "init": run.config.init,
+                "first_std": run.layers[0].std,
+                "last_std": run.layers[-1].std,
+                "depth_ratio": run.depth_ratio,
+                "layers": [dataclasses.asdict(s) for s in run.layers],
+            }
+            for run in runs
+        ],
+    }
+
+
+def format_runs(runs: list[InitRun]) -> str:
+    """Terminal table: per-layer mean/std, one column pair per init, then the depth ratios."""
+    headers = ["#", "layer"]
+    for run in runs:
+        headers += [f"{run.config.init} mean", f"{run.config.init} std"]
+    rows = []
+    for i, layer in enumerate(runs[0].layers):
+        row: list[object] = [i + 1, layer.layer]
+        for run in runs:
+            row += [run.layers[i].mean, run.layers[i].std]
+        rows.append(row)
+    cfg = runs[0].config
+    ratios = ", ".join(f"{r.config.init} {r.depth_ratio:.3g}" for r in runs)
+    return (
+        f"{cfg.arch}, activation {cfg.activation}, norm {cfg.norm}\n"
+        f"{format_table(headers, rows)}\n"
+        f"std of last layer / first layer: {ratios}"
+    )

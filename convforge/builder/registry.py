@@ -1,0 +1,178 @@
+"""The model zoo: a dict from name to factory, and the one way to build a model.
+
+Architectures register a factory with :func:`register_model` (duplicate names
+are refused). :class:`ModelConfig` records every choice that shapes a model;
+:func:`build_model` turns it into an initialized ``nn.Module``, and
+:func:`create_model` is the same with keywords. A checkpoint stores
+``dataclasses.asdict(config.resolved())`` so the model can be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from convforge.builder.initialization import INITS, default_init, init_weights
+from convforge.builder.layers import ACTIVATIONS, NORMS, activation_layer, norm_layer
+from convforge.errors import UserError, check_choice
+
+STEMS = ("imagenet", "small")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered architecture."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    default_norm: str  # the norm used when the config leaves it unset
+    norms: tuple[str, ...]  # the norms this architecture accepts
+    options: dict  # architecture-specific keywords and their defaults (e.g. plain's depth)
+
+    @property
+    def summary(self) -> str:
+        return (self.factory.__doc__ or "").strip().splitlines()[0]
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(fn=None, *, default_norm: str = "batch", norms: tuple[str, ...] = NORMS):
+    """Register ``fn`` under its ``__name__``; usable bare or with keywords.
+
+    ``fn(num_classes, in_channels, stem, norm_layer, act_layer, **options)``
+    builds the uninitialized model; its own keyword parameters with defaults
+    become the architecture's ``options``.
+    """
+
+    def add(fn):
+        name = fn.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        options = {
+            p.name: p.default
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty
+        }
+        _REGISTRY[name] = ModelEntry(name, fn, default_norm, tuple(norms), options)
+        return fn
+
+    return add(fn) if fn is not None else add
+
+
+def list_models() -> list[str]:
+    """Names of every registered model, in natural order (resnet18 before resnet101)."""
+    return sorted(
+        _REGISTRY, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]
+    )
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name``; UserError listing the models if unknown."""
+    return _REGISTRY[check_choice("model", name, list_models())]
+
+
+@dataclass
+class ModelConfig:
+    """Every choice that shapes a model. ``None`` fields take the model's defaults."""
+
+    arch: str  # registry name, e.g. "resnet18" (see `convforge models`)
+    num_classes: int = 1000  # outputs of the last layer
+    in_channels: int = 3  # 1 for grayscale images
+    stem: str = "imagenet"  # "imagenet" for ~224 px inputs, "small" for 8-64 px
+    activation: str = "relu"  # one of ACTIVATIONS, used in every layer
+    leaky_slope: float = 0.01  # Leaky ReLU's slope for x < 0
+    norm: str | None = None  # one of NORMS after each conv; None: batch ("none" for plain VGG)
+    num_groups: int = 32  # channel groups for norm="group"; must divide every width
+    init: str | None = None  # one of INITS; None: xavier for tanh/sigmoid, else kaiming
+    zero_init_residual: bool = False  # residual blocks start as identity (last norm scale 0)
+    options: dict = field(default_factory=dict)  # architecture options, e.g. {"depth": 10}
+
+    def resolved(self) -> ModelConfig:
+        """A copy with defaults filled in and every field checked (UserError if bad)."""
+        entry = get_entry(self.arch)
+        for name in ("num_classes", "in_channels", "num_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        check_choice("stem", self.stem, STEMS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        norm = entry.default_norm if self.norm is None else self.norm
+        check_choice("norm", norm, NORMS)
+        if norm not in entry.norms:
+            raise UserError(
+                f"model {self.arch!r} takes norm {', '.join(entry.norms)} only, got {norm!r}"
+                f" (use {self.arch.removesuffix('_bn')!r} for other norms)"
+            )
+        init = default_init(self.activation) if self.init is None else self.init
+        check_choice("init", init, INITS)
+        unknown = sorted(set(self.options) - set(entry.options))
+        if unknown:
+            takes = ", ".join(entry.options) or "no options"
+            raise UserError(
+                f"model {self.arch!r} has no option {', '.join(unknown)}; it takes: {takes}"
+            )
+        if self.zero_init_residual and norm == "none":
+            raise UserError(
+                "zero_init_residual needs a norm layer whose scale it zeroes; got norm 'none'"
+            )
+        options = {**entry.options, **self.options}
+        return dataclasses.replace(self, norm=norm, init=init, options=options)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Build and initialize the model ``config`` describes (on the current default device)."""
+    cfg = config.resolved()
+    model = get_entry(cfg.arch).factory(
+        num_classes=cfg.num_classes,
+        in_channels=cfg.in_channels,
+        stem=cfg.stem,
+        norm_layer=norm_layer(cfg.norm, cfg.num_groups),
+        act_layer=activation_layer(cfg.activation, cfg.leaky_slope),
+        **cfg.options,
+    )
+    if cfg.zero_init_residual and not any(hasattr(m, "zero_init_last") for m in model.modules()):
+        raise UserError(
+            f"zero_init_residual applies to residual models; {cfg.arch!r} has no blocks"
+        )
+    init_weights(model, cfg.init, cfg.activation, cfg.leaky_slope, cfg.zero_init_residual)
+    return model
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    activation: str = "relu",
+    norm: str | None = None,
+    init: str | None = None,
+    leaky_slope: float = 0.01,
+    num_groups: int = 32,
+    zero_init_residual: bool = False,
+    **options,
+) -> nn.Module:
+    """Build model ``name``; every keyword is the :class:`ModelConfig` field of that name.
+
+    Architecture-specific options (plain's ``depth``, ``width``) pass through
+    ``**options``. Raises UserError naming the valid choices for any bad value.
+    """
+    config = ModelConfig(
+        name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        stem=stem,
+        activation=activation,
+        leaky_slope=leaky_slope,
+        norm=norm,
+        num_groups=num_groups,
+        init=init,
+        zero_init_residual=zero_init_residual,
+        options=options,
+    )
+    return build_model(config)

@@ -1,0 +1,19 @@
+"""The one exception type for mistakes a user can fix.
+
+Every part raises :class:`UserError` for bad input (an unknown model name, a
+missing file, an option out of range). Its message is one line that names what
+was wrong and what is accepted; the CLI prints it and exits with status 2
+instead of showing a traceback. Anything else that escapes is a bug and keeps
+its traceback. This module imports nothing, so every part may use it.
+"""
+
+
+class UserError(ValueError):
+    """Bad input from the user; the message is shown as-is on one line."""
+
+
+def check_choice(kind: str, value: str, choices) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a UserError listing them."""
+    if value not in choices:
+        raise UserError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
+    return value

@@ -1,0 +1,151 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from convforge.cli import main
+
+
+def test_models_json_lists_every_model(capsys):
+    assert main(["models", "--json", "--input-size", "32", "--stem", "small"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    by_name = {r["model"]: r for r in records}
+    assert len(by_name) == 14
+    assert by_name["resnet18"]["params"] == 11_681_832  # 1000 classes, 3x3 stem instead of 7x7
+    assert {"params", "gmacs", "gflops", "input_size", "norm"} <= set(by_name["vgg16"])
+
+
+def test_models_table(capsys):
+    assert (
+        main(
+            [
+                "models",
+                "--num-classes",
+                "10",
+                "--in-channels",
+                "1",
+                "--stem",
+                "small",
+                "--input-size",
+                "16",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "resnet152" in out and "params (M)" in out and "16x16 input" in out
+
+
+def test_diagnose_init_writes_plot_and_json(tmp_path, capsys):
+    code = main(
+        [
+            "diagnose",
+            "init",
+            "--activation",
+            "tanh",
+            "--init",
+            "small,xavier",
+            "--depth",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "xavier std" in out and "std of last layer / first layer" in out
+    png, js = tmp_path / "init-plain-tanh-none.png", tmp_path / "init-plain-tanh-none.json"
+    assert png.stat().st_size > 1000
+    record = json.loads(js.read_text())
+    assert [r["init"] for r in record["runs"]] == ["small", "xavier"]
+    assert len(record["runs"][0]["layers"]) == 4
+
+
+def test_diagnose_init_json_on_stdout(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "diagnose",
+                "init",
+                "--model",
+                "vgg11",
+                "--init",
+                "kaiming",
+                "--json",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert record["config"]["arch"] == "vgg11" and len(record["runs"][0]["layers"]) == 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["diagnose", "init", "--model", "resnet19"], "unknown model 'resnet19'; choose one of:"),
+        (["diagnose", "init", "--activation", "swish"], "unknown activation 'swish'"),
+        (["diagnose", "init", "--init", "he"], "unknown init 'he'; choose one of: kaiming"),
+        (
+            ["diagnose", "init", "--norm", "group", "--num-groups", "5"],
+            "num_groups=5 does not divide a layer of 64 channels",
+        ),
+        (
+            ["diagnose", "init", "--model", "resnet18", "--depth", "3"],
+            "model 'resnet18' has no option depth",
+        ),
+        (["models", "--stem", "cifar"], "unknown stem 'cifar'"),
+        (["models", "--input-size", "0"], "input size must be a positive number of pixels"),
+        (["models", "--input-size", "16"], "cannot take 16 px input"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    if argv[0] == "diagnose":
+        argv = argv + ["--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convforge: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_out_path_blocked_by_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["diagnose", "init", "--out", str(blocker / "sub")]) == 2
+    assert "cannot create folder" in capsys.readouterr().err
+
+
+def test_console_command_runs_as_a_module_without_traceback():
+    """The real entry path: a separate process, a user mistake, a clean one-line error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "convforge", "diagnose", "init", "--model", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("convforge: error: unknown model 'nope'")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["models", "--help"], ["diagnose", "init", "--help"], ["demo", "--help"]]
+)
+def test_help_explains_itself(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: convforge" in capsys.readouterr().out
+
+
+def test_demo_writes_a_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--json"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert {"model_zoo", "default_model", "init_experiment"} <= set(report["steps"])
+    assert (tmp_path / "report.md").read_text().startswith("# convforge demo report")
+    for activation in ("relu", "tanh"):
+        assert (tmp_path / f"init-plain-{activation}.png").exists()
