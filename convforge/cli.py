@@ -20,11 +20,14 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, model: str, stem: str, norm: str | None) -> None:
-    """The ModelConfig fields as options (see `convforge models` for names)."""
+def _add_model_args(
+    p: argparse.ArgumentParser, *, model: str, stem: str, norm: str | None, shape: bool = True
+) -> None:
+    """The ModelConfig fields as options; ``shape``: also --in-channels / --num-classes
+    (training takes those from the data instead)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=model, help=f"architecture name (default: {model})")
-    g.add_argument("--stem", default=stem, help="imagenet (~224 px) or small (8-64 px)")
+    g.add_argument("--stem", default=stem, help=f"imagenet (~224 px) or small (8-64 px) ({stem})")
     g.add_argument(
         "--activation",
         default="relu",
@@ -37,16 +40,26 @@ def _add_model_args(p: argparse.ArgumentParser, *, model: str, stem: str, norm: 
         help=f"batch, group, layer, instance or none (default: {norm or 'the model default'})",
     )
     g.add_argument("--num-groups", type=int, default=32, help="groups for --norm group")
-    g.add_argument("--in-channels", type=int, default=3, help="input channels (1 = grayscale)")
-    g.add_argument("--num-classes", type=int, default=1000, help="output classes")
+    if shape:
+        g.add_argument("--in-channels", type=int, default=3, help="input channels (1 = grayscale)")
+        g.add_argument("--num-classes", type=int, default=1000, help="output classes")
     g.add_argument("--depth", type=int, help="plain net only: number of conv layers (10)")
     g.add_argument("--width", type=int, help="plain net only: channels per layer (64)")
+    g.add_argument(
+        "--base-width",
+        type=int,
+        help="ResNet only: first stage's width (64; train: 16 with the small stem)",
+    )
 
 
 def _model_config(args, init: str | None = None):
     from convforge.builder import ModelConfig
 
-    options = {k: getattr(args, k) for k in ("depth", "width") if getattr(args, k) is not None}
+    options = {
+        k: getattr(args, k)
+        for k in ("depth", "width", "base_width")
+        if getattr(args, k) is not None
+    }
     return ModelConfig(
         args.model,
         num_classes=args.num_classes,
@@ -113,6 +126,249 @@ def cmd_diagnose_init(args) -> int:
     return 0
 
 
+def _add_train_args(p: argparse.ArgumentParser, out: str) -> None:
+    """TrainConfig and AugmentConfig fields as options (defaults: the digits recipe)."""
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (default), synthetic[:classes=N,size=PX,...], imagefolder:DIR, "
+        "cifar10:DIR, cifar100:DIR, mnist:DIR, fashion-mnist:DIR (local files only)",
+    )
+    g.add_argument("--input-size", type=int, default=32, help="square side in px (32)")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="held-out fraction when the data has no validation part (0.1)",
+    )
+    _add_augment_args(p)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training split (15)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per step per process (64)")
+    g.add_argument("--optimizer", default="sgd", help="sgd (momentum, Nesterov) or adamw")
+    g.add_argument("--lr", type=float, help="peak LR (default: 0.4 x batch/256 sgd, 1e-3 adamw)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    g.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Nesterov momentum for SGD (on)",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        help="on conv/linear weights only (default: 5e-4 sgd, 0.05 adamw)",
+    )
+    g.add_argument("--schedule", default="cosine", help="cosine (default), step or onecycle")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warmup (1)")
+    g.add_argument("--step-epochs", type=int, default=30, help="step schedule: epochs per step")
+    g.add_argument("--step-gamma", type=float, default=0.1, help="step schedule: LR factor")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="(0.1)")
+    g.add_argument("--clip-grad-norm", type=float, default=0.0, help="max grad norm (0 = off)")
+    g.add_argument("--amp", default="off", help="mixed precision: off, auto, bf16, fp16 (CUDA)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    g.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="EMA of weights, evaluated separately (e.g. 0.999; 0 = off)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--workers", type=int, default=0, help="data-loading processes (0)")
+    g.add_argument("--seed", type=int, default=0, help="seed for split, init, order, augmentation")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels only")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="stop after N epochs without better val accuracy (0 = never)",
+    )
+    g.add_argument(
+        "--overfit-window",
+        type=int,
+        default=3,
+        help="warn after N epochs of rising val loss and falling train loss (3)",
+    )
+    g.add_argument("--out", default=out, help=f"run folder ({out})")
+    g.add_argument(
+        "--resume",
+        help="continue the run in this last.pt exactly (other options "
+        "are taken from the checkpoint)",
+    )
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_augment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("augmentation (training only; None = the preset's value)")
+    g.add_argument("--augment", default="standard", help="preset: none, light, standard, strong")
+    g.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="horizontal flips (default: preset's, never for digits/mnist)",
+    )
+    g.add_argument(
+        "--crop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop (pad+crop small images, RandomResizedCrop large ones)",
+    )
+    g.add_argument("--scale-min", type=float, help="RandomResizedCrop's smallest area fraction")
+    g.add_argument("--rotation", type=float, help="max rotation in degrees (0 = off)")
+    g.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation strength")
+    g.add_argument("--auto-augment", help="none, autoaugment, randaugment, trivialaugment")
+    g.add_argument("--erasing", type=float, help="random erasing (cutout) probability")
+    g.add_argument("--mixup", type=float, help="Mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
+
+
+def _augment_config(args):
+    from convforge.builder.data.augment import AugmentConfig
+
+    return AugmentConfig(
+        preset=args.augment,
+        flip=args.flip,
+        crop=args.crop,
+        scale_min=args.scale_min,
+        rotation=args.rotation,
+        color_jitter=args.color_jitter,
+        auto=args.auto_augment,
+        erasing=args.erasing,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
+    )
+
+
+def _train_config(args):
+    from convforge.builder.training.config import TrainConfig
+
+    fields = (
+        "dataset",
+        "input_size",
+        "val_fraction",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "schedule",
+        "warmup_epochs",
+        "step_epochs",
+        "step_gamma",
+        "label_smoothing",
+        "clip_grad_norm",
+        "amp",
+        "channels_last",
+        "ema_decay",
+        "device",
+        "workers",
+        "seed",
+        "deterministic",
+        "patience",
+        "overfit_window",
+        "out",
+    )
+    return TrainConfig(augment=_augment_config(args), **{f: getattr(args, f) for f in fields})
+
+
+def _print_result(args, result) -> None:
+    if args.json:
+        record = {
+            "out": str(result.out),
+            "best_val_acc": result.best_val_acc,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early,
+            "seconds": round(result.seconds, 2),
+            "history": result.history,
+        }
+        print(json.dumps(record, indent=2))
+        return
+    print(
+        f"best val accuracy {result.best_val_acc:.2%} at epoch {result.best_epoch}; "
+        f"{result.out / 'best.pt'}, metrics.csv and curves.png in {result.out}"
+    )
+
+
+def cmd_train(args) -> int:
+    from convforge.builder.training.config import recipe_model
+    from convforge.builder.training.trainer import train
+
+    options = {k: getattr(args, k) for k in ("depth", "width", "base_width") if getattr(args, k)}
+    model_cfg = recipe_model(
+        args.model,
+        args.input_size,
+        stem=args.stem,
+        activation=args.activation,
+        leaky_slope=args.leaky_slope,
+        norm=args.norm,
+        num_groups=args.num_groups,
+        init=args.init,
+        zero_init_residual=args.zero_init_residual,
+        options=options,
+    )
+    result = train(model_cfg, _train_config(args), resume=args.resume, progress=not args.json)
+    _print_result(args, result)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from convforge.builder.finetune import FinetuneOptions, finetune
+    from convforge.builder.training.trainer import train
+
+    if args.resume:
+        result = train(None, None, resume=args.resume, progress=not args.json)
+    else:
+        if not args.pretrained:
+            raise UserError("finetune needs --pretrained FILE (or --resume last.pt)")
+        opts = FinetuneOptions(
+            args.pretrained,
+            args.model,
+            args.strategy,
+            args.freeze_until,
+            args.backbone_lr_mult,
+            args.unfreeze_at,
+        )
+        log = (lambda *a: None) if args.json else print
+        result = finetune(opts, _train_config(args), log=log)
+    _print_result(args, result)
+    return 0
+
+
+def cmd_augment_preview(args) -> int:
+    from convforge.builder.data.images import channel_stats
+    from convforge.builder.data.preview import preview_grid
+    from convforge.builder.data.sources import load_dataset
+    from convforge.files import ensure_dir
+
+    bundle = load_dataset(args.dataset, seed=args.seed)
+    aug = _augment_config(args).resolved(flip_safe=bundle.flip_safe)
+    stats = channel_stats(bundle.train, seed=args.seed)
+    path = Path(args.out)
+    ensure_dir(path.parent)
+    preview_grid(
+        bundle.train,
+        aug,
+        args.input_size,
+        stats.mean,
+        stats.std,
+        bundle.native_size,
+        path,
+        samples=args.samples,
+        variants=args.variants,
+        seed=args.seed,
+    )
+    print(
+        f"{path}: {args.samples} {bundle.name} images x {args.variants} augmented views "
+        f"(preset {args.augment}; first column: the evaluation view)"
+    )
+    return 0
+
+
 def cmd_demo(args) -> int:
     from convforge.demo import run_demo
 
@@ -169,6 +425,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/diagnose", help="folder for the PNG and JSON")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of a table")
     p.set_defaults(func=cmd_diagnose_init)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: small ResNet-18 on scikit-learn's digits)",
+        description="Train a model on a dataset with the lecture's techniques. Writes best.pt, "
+        "last.pt, metrics.csv, curves.png and config.json to --out. Under torchrun it trains "
+        "with DistributedDataParallel (gloo on CPU, nccl on GPU). Small-stem ResNets default "
+        "to --base-width 16 (the CIFAR-ResNet widths); --stem auto picks small up to 64 px.",
+    )
+    _add_model_args(p, model="resnet18", stem="auto", norm=None, shape=False)
+    p.add_argument("--init", help="kaiming, xavier or small (default: by activation)")
+    p.add_argument(
+        "--zero-init-residual", action="store_true", help="start residual blocks as identity"
+    )
+    _add_train_args(p, out="runs/train")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "finetune",
+        help="transfer learning from a checkpoint or torchvision weights file",
+        description="Fine-tune pretrained weights (a convforge checkpoint or a torchvision "
+        "state_dict .pth on disk) on a new dataset: the head is replaced for the new classes. "
+        "--strategy auto applies the lecture's rule of thumb: data is 'small' below "
+        "500 training images per class, and the domain 'similar' when a linear probe on the "
+        "pretrained features beats one on random features by 10 points or more.",
+    )
+    p.add_argument("--pretrained", help="convforge .pt checkpoint or torchvision .pth file")
+    p.add_argument("--model", help="architecture of a bare state_dict file (e.g. resnet18)")
+    p.add_argument("--strategy", default="auto", help="auto (default), feature-extract, finetune")
+    p.add_argument("--freeze-until", help="finetune: last frozen stage, e.g. stem, layer2")
+    p.add_argument(
+        "--backbone-lr-mult",
+        type=float,
+        default=0.1,
+        help="LR multiplier of the trainable backbone stages (0.1)",
+    )
+    p.add_argument(
+        "--unfreeze-at",
+        type=int,
+        default=0,
+        help="epoch from which frozen stages train too (0 = never)",
+    )
+    _add_train_args(p, out="runs/finetune")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "augment-preview",
+        help="PNG grid of augmented training samples",
+        description="Write a PNG grid: each row one training image, first its evaluation "
+        "view, then random augmented views with the chosen preset and overrides.",
+    )
+    p.add_argument("--dataset", default="digits", help="dataset spec (see train --help)")
+    p.add_argument("--input-size", type=int, default=32, help="square side in px (32)")
+    _add_augment_args(p)
+    p.add_argument("--samples", type=int, default=8, help="rows (8)")
+    p.add_argument("--variants", type=int, default=7, help="augmented views per row (7)")
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--out", default="runs/augment-preview.png", help="PNG path")
+    p.set_defaults(func=cmd_augment_preview)
 
     p = sub.add_parser(
         "demo",

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from convforge.builder.layers import ActLayer, NormLayer, conv1x1, conv3x3, needs_bias
 from convforge.builder.registry import register_model
+from convforge.errors import UserError
 
 
 def _zero_scale(norm: nn.Module) -> None:
@@ -94,7 +95,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem, four stages of residual blocks (64, 128, 256, 512 wide), global pool, linear.
+    """Stem, four stages of residual blocks, global pool, linear.
+
+    Stage widths are ``base_width`` x (1, 2, 4, 8): 64 gives the paper's (and
+    torchvision's) 64, 128, 256, 512; 16 gives a net 16x cheaper, the usual
+    choice for small inputs such as CIFAR or digits.
 
     ``stem='imagenet'``: 7x7/2 conv + 3x3/2 max-pool (224 px inputs, /32 overall).
     ``stem='small'``: 3x3/1 conv, no max-pool (8-64 px inputs, /8 overall).
@@ -109,26 +114,30 @@ class ResNet(nn.Module):
         stem: str,
         norm_layer: NormLayer,
         act_layer: ActLayer,
+        base_width: int = 64,
     ) -> None:
         super().__init__()
+        if base_width < 1:
+            raise UserError(f"base_width must be a positive integer, got {base_width}")
+        w = base_width
         self._norm_layer = norm_layer
         self._act_layer = act_layer
-        self.inplanes = 64
-        bn1 = norm_layer(64)
+        self.inplanes = w
+        bn1 = norm_layer(w)
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=needs_bias(bn1))
+            self.conv1 = nn.Conv2d(in_channels, w, 7, stride=2, padding=3, bias=needs_bias(bn1))
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            self.conv1 = conv3x3(in_channels, 64, bias=needs_bias(bn1))
+            self.conv1 = conv3x3(in_channels, w, bias=needs_bias(bn1))
             self.maxpool = nn.Identity()
         self.bn1 = bn1
         self.act = act_layer()
-        self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(block, w, layers[0], stride=1)
+        self.layer2 = self._make_layer(block, 2 * w, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * w, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * w, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(8 * w * block.expansion, num_classes)
 
     def _make_layer(self, block, channels: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -152,30 +161,30 @@ class ResNet(nn.Module):
 
 
 @register_model
-def resnet18(**kwargs) -> ResNet:
+def resnet18(base_width: int = 64, **kwargs) -> ResNet:
     """ResNet-18: BasicBlock x [2, 2, 2, 2]."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
+    return ResNet(BasicBlock, [2, 2, 2, 2], base_width=base_width, **kwargs)
 
 
 @register_model
-def resnet34(**kwargs) -> ResNet:
+def resnet34(base_width: int = 64, **kwargs) -> ResNet:
     """ResNet-34: BasicBlock x [3, 4, 6, 3]."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], **kwargs)
+    return ResNet(BasicBlock, [3, 4, 6, 3], base_width=base_width, **kwargs)
 
 
 @register_model
-def resnet50(**kwargs) -> ResNet:
+def resnet50(base_width: int = 64, **kwargs) -> ResNet:
     """ResNet-50: Bottleneck x [3, 4, 6, 3]."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
+    return ResNet(Bottleneck, [3, 4, 6, 3], base_width=base_width, **kwargs)
 
 
 @register_model
-def resnet101(**kwargs) -> ResNet:
+def resnet101(base_width: int = 64, **kwargs) -> ResNet:
     """ResNet-101: Bottleneck x [3, 4, 23, 3]."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], **kwargs)
+    return ResNet(Bottleneck, [3, 4, 23, 3], base_width=base_width, **kwargs)
 
 
 @register_model
-def resnet152(**kwargs) -> ResNet:
+def resnet152(base_width: int = 64, **kwargs) -> ResNet:
     """ResNet-152: Bottleneck x [3, 8, 36, 3]."""
-    return ResNet(Bottleneck, [3, 8, 36, 3], **kwargs)
+    return ResNet(Bottleneck, [3, 8, 36, 3], base_width=base_width, **kwargs)

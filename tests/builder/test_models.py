@@ -128,3 +128,10 @@ def test_plain_net_depth_and_width():
     model = create_model("plain", depth=6, width=32, stem="small", norm="none")
     convs = _types(model, nn.Conv2d)
     assert len(convs) == 6 and all(c.out_channels == 32 for c in convs)
+
+
+def test_resnet_base_width_scales_every_stage():
+    model = create_model("resnet18", base_width=16, stem="small", num_classes=10)
+    widths = [getattr(model, f"layer{i}")[0].conv1.out_channels for i in range(1, 5)]
+    assert widths == [16, 32, 64, 128] and model.fc.in_features == 128
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)

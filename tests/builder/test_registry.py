@@ -41,7 +41,7 @@ def test_duplicate_name_is_refused():
         ({"stem": "cifar"}, "unknown stem 'cifar'; choose one of: imagenet, small"),
         ({"num_classes": 0}, "num_classes must be a positive integer"),
         ({"in_channels": 2.5}, "in_channels must be a positive integer"),
-        ({"depth": 5}, "model 'resnet18' has no option depth; it takes: no options"),
+        ({"depth": 5}, "model 'resnet18' has no option depth; it takes: base_width"),
     ],
 )
 def test_bad_options_name_the_valid_choices(kwargs, message):

@@ -1,0 +1,81 @@
+"""``convforge finetune``: pretrained weights + new data -> a trained run.
+
+Loads the pretrained model, adapts head and input channels to the dataset,
+picks a plan (``--strategy auto`` applies :func:`transfer.decide` after two
+linear probes), and hands model and plan to the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from convforge.builder import transfer
+from convforge.builder.data import augment
+from convforge.builder.registry import build_model
+from convforge.builder.training.config import TrainConfig
+from convforge.builder.training.trainer import TrainResult, data_config, load_data, train
+
+
+@dataclasses.dataclass
+class FinetuneOptions:
+    pretrained: str  # convforge checkpoint or torchvision state_dict file
+    arch: str | None = None  # architecture of a bare state_dict (e.g. resnet18)
+    strategy: str = "auto"  # auto, feature-extract or finetune
+    freeze_until: str | None = None  # finetune: last frozen stage (e.g. layer2); None = none
+    backbone_lr_mult: float = 0.1  # LR multiplier of trainable backbone stages
+    unfreeze_at: int = 0  # 1-based epoch from which frozen stages train too; 0 = never
+
+
+def finetune(opts: FinetuneOptions, cfg: TrainConfig, log=print) -> TrainResult:
+    """Fine-tune ``opts.pretrained`` on ``cfg.dataset``; returns the trainer's result."""
+    from convforge.errors import check_choice
+
+    check_choice("strategy", opts.strategy, transfer.STRATEGIES)
+    cfg = cfg.resolved()
+    model, pre_cfg = transfer.load_pretrained(opts.pretrained, opts.arch)
+    channels = 1 if pre_cfg.in_channels == 1 else 3
+    bundle = load_data(cfg, channels=channels)
+    model, model_cfg = transfer.adapt(model, pre_cfg, len(bundle.classes), bundle.channels)
+    if opts.strategy == "auto":
+        plan = _auto_plan(model, model_cfg, cfg, bundle, opts, log)
+    else:
+        plan = transfer.make_plan(
+            model,
+            opts.strategy,
+            opts.freeze_until,
+            opts.backbone_lr_mult,
+            opts.unfreeze_at,
+            reason=f"--strategy {opts.strategy}",
+        )
+    log(
+        f"transfer: {plan.strategy}, frozen: {', '.join(plan.frozen) or 'nothing'}, "
+        f"backbone LR x {plan.backbone_lr_mult} ({plan.reason})"
+    )
+    extra = {"pretrained": str(Path(opts.pretrained))}
+    return train(model_cfg, cfg, plan=plan, model=model, bundle=bundle, extra=extra)
+
+
+def _auto_plan(model, model_cfg, cfg, bundle, opts, log) -> transfer.TransferPlan:
+    """Probe pretrained vs random features, then apply the lecture's table."""
+    stats = data_config(cfg, bundle)
+    tf = augment.eval_transform(cfg.input_size, stats["mean"], stats["std"], bundle.native_size)
+    train_set, val_set = bundle.train.with_transform(tf), bundle.val.with_transform(tf)
+    log("strategy auto: linear probes on pretrained and random features ...")
+    probe_pre = transfer.linear_probe(model, train_set, val_set)
+    torch.manual_seed(cfg.seed)
+    random_model = build_model(model_cfg)
+    probe_rand = transfer.linear_probe(random_model, train_set, val_set)
+    names = list(transfer.stages(model))
+    d = transfer.decide(len(bundle.train), len(bundle.classes), probe_pre, probe_rand, names)
+    log(f"strategy auto chose: {d.row}\n  because {d.reason}")
+    return transfer.make_plan(
+        model,
+        d.strategy,
+        d.freeze_until,
+        d.backbone_lr_mult,
+        opts.unfreeze_at,
+        reason=f"auto: {d.row}; {d.reason}",
+    )
