@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check convforge tests
-	$(BIN)/ruff format --check convforge tests
+	$(BIN)/ruff check convforge tests benchmarks
+	$(BIN)/ruff format --check convforge tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -147,7 +147,11 @@ def _add_train_args(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--epochs", type=int, default=15, help="passes over the training split (15)")
     g.add_argument("--batch-size", type=int, default=64, help="images per step per process (64)")
     g.add_argument("--optimizer", default="sgd", help="sgd (momentum, Nesterov) or adamw")
-    g.add_argument("--lr", type=float, help="peak LR (default: 0.4 x batch/256 sgd, 1e-3 adamw)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        help="peak LR (default: 0.4 x batch/256 sgd, 1e-3 adamw; finetune: a tenth)",
+    )
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     g.add_argument(
         "--nesterov",
@@ -372,7 +376,7 @@ def cmd_augment_preview(args) -> int:
 def cmd_demo(args) -> int:
     from convforge.demo import run_demo
 
-    run_demo(Path(args.out), json_output=args.json)
+    run_demo(Path(args.out), epochs=args.epochs, json_output=args.json)
     return 0
 
 
@@ -492,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report (report.md, report.json, plots) to --out.",
     )
     p.add_argument("--out", default="runs/demo", help="report folder (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (the recipe's 15)")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     p.set_defaults(func=cmd_demo)
     return parser

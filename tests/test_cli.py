@@ -142,10 +142,12 @@ def test_help_explains_itself(argv, capsys):
 
 
 def test_demo_writes_a_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--json"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--json"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
-    assert {"model_zoo", "default_model", "init_experiment"} <= set(report["steps"])
+    assert {"model_zoo", "init_experiment", "train"} <= set(report["steps"])
+    assert report["steps"]["train"]["epochs"] == 1
+    assert (tmp_path / "train" / "best.pt").exists()
     assert (tmp_path / "report.md").read_text().startswith("# convforge demo report")
     for activation in ("relu", "tanh"):
         assert (tmp_path / f"init-plain-{activation}.png").exists()

@@ -11,7 +11,6 @@ the numbers show what the weights alone do to the signal.
 from __future__ import annotations
 
 import dataclasses
-import io
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,7 @@ from convforge.builder.layers import ACTIVATION_TYPES
 from convforge.builder.registry import ModelConfig, build_model
 from convforge.console import format_table
 from convforge.errors import UserError
-from convforge.files import atomic_write
+from convforge.plots import pyplot, save_png
 
 
 @dataclass(frozen=True)
@@ -115,10 +114,7 @@ def run_init_experiment(
 
 def plot_init_experiment(runs: list[InitRun], path) -> None:
     """Write a PNG: std (log scale) and mean of each activation layer, one line per init."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     cfg = runs[0].config
     fig, (ax_std, ax_mean) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -135,12 +131,7 @@ def plot_init_experiment(runs: list[InitRun], path) -> None:
         ax.legend(title="init")
     opts = "".join(f", {k}={v}" for k, v in cfg.options.items())
     fig.suptitle(f"{cfg.arch}{opts}: activation={cfg.activation}, norm={cfg.norm}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_write(path) as f:
-        f.write(buf.getvalue())
+    save_png(fig, path, dpi=110)
 
 
 def as_record(runs: list[InitRun]) -> dict:

@@ -34,10 +34,14 @@ def finetune(opts: FinetuneOptions, cfg: TrainConfig, log=print) -> TrainResult:
     from convforge.errors import check_choice
 
     check_choice("strategy", opts.strategy, transfer.STRATEGIES)
+    if cfg.lr is None:
+        # Pretrained weights want gentler steps: a tenth of the from-scratch default.
+        cfg = dataclasses.replace(cfg, lr=0.1 * TrainConfig(**_fields(cfg, lr=None)).resolved().lr)
     cfg = cfg.resolved()
     model, pre_cfg = transfer.load_pretrained(opts.pretrained, opts.arch)
-    channels = 1 if pre_cfg.in_channels == 1 else 3
-    bundle = load_data(cfg, channels=channels)
+    # The data keeps its own channels; the first conv adapts instead (for gray images that
+    # is exactly the pretrained RGB model applied to gray replicated three times, 3x cheaper).
+    bundle = load_data(cfg)
     model, model_cfg = transfer.adapt(model, pre_cfg, len(bundle.classes), bundle.channels)
     if opts.strategy == "auto":
         plan = _auto_plan(model, model_cfg, cfg, bundle, opts, log)
@@ -79,3 +83,7 @@ def _auto_plan(model, model_cfg, cfg, bundle, opts, log) -> transfer.TransferPla
         opts.unfreeze_at,
         reason=f"auto: {d.row}; {d.reason}",
     )
+
+
+def _fields(cfg: TrainConfig, **overrides) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} | overrides

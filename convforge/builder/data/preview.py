@@ -7,8 +7,6 @@ washed out) before spending hours training on it.
 
 from __future__ import annotations
 
-import io
-
 import torch
 from torch import Tensor
 
@@ -21,7 +19,7 @@ from convforge.builder.data.augment import (
 )
 from convforge.builder.data.images import ImageSet
 from convforge.errors import UserError
-from convforge.files import atomic_write
+from convforge.plots import pyplot, save_png
 
 
 def _pick(targets: list[int], count: int, gen: torch.Generator) -> list[int]:
@@ -73,10 +71,7 @@ def preview_grid(
     label weights. The same ``seed`` gives the same picture; the caller's
     random state is left untouched.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     aug = require_resolved(aug)
     for name, value, least in (("samples", samples, 1), ("variants", variants, 0)):
@@ -128,9 +123,4 @@ def preview_grid(
             )
             axes[r, c].set_title(title, fontsize=7)
     fig.suptitle(f"augmentation preview: preset {aug.preset}, {input_size} px", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    with atomic_write(path) as f:
-        f.write(buf.getvalue())
+    save_png(fig, path)

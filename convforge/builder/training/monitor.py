@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 from convforge.files import atomic_write
+from convforge.plots import pyplot, save_png
 
 COLUMNS = [
     "epoch",
@@ -59,10 +60,7 @@ def _fmt(value) -> str:
 
 def plot_curves(path: Path, history: list[dict], title: str) -> None:
     """PNG of loss and accuracy, train vs validation (and EMA when present), by epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -76,9 +74,4 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    with atomic_write(path) as f:
-        f.write(buf.getvalue())
+    save_png(fig, path)

@@ -57,6 +57,7 @@ class Plan(Protocol):
     """What fine-tuning changes in the loop (see convforge.builder.transfer)."""
 
     def lr_mult(self, name: str) -> float: ...
+    def frozen_in(self, epoch: int) -> frozenset: ...  # names of the stages frozen in epoch
     def apply(self, model: nn.Module, epoch: int) -> bool: ...  # freeze for epoch; True if changed
     def train_mode(self, model: nn.Module) -> None: ...
     def as_dict(self) -> dict: ...
@@ -67,6 +68,9 @@ class FromScratch:
 
     def lr_mult(self, name: str) -> float:
         return 1.0
+
+    def frozen_in(self, epoch: int) -> frozenset:
+        return frozenset()
 
     def apply(self, model: nn.Module, epoch: int) -> bool:
         return False
@@ -133,10 +137,12 @@ def train(
     if state is not None:
         model_cfg, cfg = _configs_from(state)
     world = distributed.setup(cfg.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         run = _Run(world, model_cfg, cfg, resume, state, plan, model, bundle, extra, progress)
         return run.fit()
     finally:
+        torch.use_deterministic_algorithms(deterministic)  # leave the process as it was
         distributed.teardown()
 
 
@@ -193,9 +199,10 @@ class _Run:
     def _setup_model(self, model: nn.Module) -> None:
         cfg, dev = self.cfg, self.world.device
         if cfg.deterministic:
-            # cuBLAS needs a fixed workspace to be deterministic; convs pick fixed algorithms.
+            # cuBLAS needs a fixed workspace to be deterministic (set before CUDA starts to be
+            # sure); ops with no deterministic kernel warn rather than stop the run.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.net = model.to(dev, memory_format=self.memory_format)
@@ -322,7 +329,14 @@ class _Run:
         self.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
-        if self.plan.apply(self.net, epoch) or self.ddp is None:
+        changed = self.plan.apply(self.net, epoch)
+        if changed and epoch > 0:
+            frozen = sorted(self.plan.frozen_in(epoch))
+            self._log(
+                f"epoch {epoch + 1}: trainable stages change; frozen now: "
+                f"{', '.join(frozen) or 'nothing'}"
+            )
+        if changed or self.ddp is None:
             self._wrap()
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
@@ -454,7 +468,7 @@ class _Run:
             "model_state": self.net.state_dict(),
             "model_config": dataclasses.asdict(self.model_cfg),
             "data_config": self.data_cfg,
-            "train_config": _jsonable(self.cfg),
+            "train_config": dataclasses.asdict(self.cfg),
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
             "scaler_state": self.scaler.state_dict() if self.scaler is not None else None,
@@ -481,7 +495,7 @@ class _Run:
     def _write_config(self) -> None:
         record = {
             "model": dataclasses.asdict(self.model_cfg),
-            "train": _jsonable(self.cfg),
+            "train": dataclasses.asdict(self.cfg),
             "data": self.data_cfg,
             "transfer": self.plan.as_dict(),
             "versions": _versions(),
@@ -510,10 +524,6 @@ def _configs_from(state: dict) -> tuple[ModelConfig, TrainConfig]:
     train = dict(state["train_config"])
     train["augment"] = AugmentConfig(**train["augment"])
     return ModelConfig(**state["model_config"]), TrainConfig(**train)
-
-
-def _jsonable(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
