@@ -1,0 +1,283 @@
+"""The export pipeline: fold, trace, emit ONNX, validate, write; plus precision variants.
+
+:func:`export_onnx` is the core for any module; :func:`export_checkpoint` is
+what ``convforge export`` runs: rebuild the model from a builder checkpoint,
+take validation and calibration images from the checkpoint's own dataset,
+write ``model.onnx`` + ``model.pt2`` (+ ``model.fp16.onnx``,
+``model.int8.onnx``, a Triton repository) and ``model.export.json``.
+Nothing is written unless its validation passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from convforge.errors import UserError, check_choice
+from convforge.export import metadata as meta
+from convforge.export.fold import FoldReport, fold_batchnorm
+from convforge.export.onnx_export import (
+    DEFAULT_OPSET,
+    op_histogram,
+    save_onnx,
+    save_program,
+    to_onnx,
+    trace,
+)
+from convforge.export.validate import ValidationReport, reference_logits, validate
+from convforge.files import write_text
+
+RANDOM_SAMPLES = 32  # validation batch when no real images are at hand
+
+
+class ValidationFailed(UserError):
+    """An exported model disagrees with the original beyond tolerance; nothing was written."""
+
+
+@dataclass
+class ExportReport:
+    onnx: str  # path of the fp32 model
+    program: str | None  # path of the .pt2 torch.export program
+    opset: int
+    fold: FoldReport
+    validation: ValidationReport
+    nodes: dict[str, int]  # op histogram of the fp32 graph
+    batchnorm_nodes: int
+    seconds: dict[str, float]  # per stage: fold, trace, onnx, validate
+    variants: dict[str, dict] = field(default_factory=dict)  # precision -> path + validation
+    triton_repo: str | None = None
+    model: onnx.ModelProto | None = field(default=None, repr=False)  # fp32 graph, not serialized
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        out["fold"] = self.fold.as_dict()
+        out["validation"] = self.validation.as_dict()
+        out["variants"] = {
+            name: {"path": v["path"], "validation": v["report"].as_dict()}
+            for name, v in self.variants.items()
+        }
+        return out
+
+    def format(self) -> str:
+        lines = [self.fold.format(), "", self.validation.format()]
+        for v in self.variants.values():
+            lines += ["", v["report"].format(), f"  -> {v['path']}"]
+        lines += [
+            "",
+            f"{self.onnx}: opset {self.opset}, {sum(self.nodes.values())} nodes, "
+            f"{self.batchnorm_nodes} BatchNormalization; program {self.program}",
+            "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()),
+        ]
+        if self.triton_repo:
+            lines.append(f"Triton model repository: {self.triton_repo}")
+        return "\n".join(lines)
+
+
+def export_onnx(
+    module: nn.Module,
+    path: str | Path,
+    input_size: tuple[int, int, int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str] | None = None,
+    samples: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> ExportReport:
+    """Fold ``module``'s BatchNorms, export to ONNX at ``path`` (+ ``.pt2``), validate.
+
+    ``input_size`` is (C, H, W); the batch dimension is dynamic. ``samples``
+    (float32 [N, C, H, W], preprocessed) validate the export; without them a
+    random batch does. Raises :class:`ValidationFailed` (writing nothing)
+    when the ONNX disagrees with ``module`` beyond tolerance.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    source = "dataset"
+    if samples is None:
+        source = "random"
+        samples = np.random.default_rng(0).standard_normal((RANDOM_SAMPLES, *input_size))
+        samples = samples.astype(np.float32)
+    module = module.eval()
+    seconds = {}
+    t = time.perf_counter()
+    folded, fold_report = fold_batchnorm(module, example=torch.from_numpy(samples[:8]))
+    seconds["fold"] = time.perf_counter() - t
+    t = time.perf_counter()
+    program = trace(folded, input_size)
+    seconds["trace"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model = to_onnx(program, opset)
+    seconds["onnx"] = time.perf_counter() - t
+    bn_nodes = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if fold_report.kept == 0 and bn_nodes:
+        raise AssertionError(f"every BatchNorm was folded, yet the ONNX has {bn_nodes}")
+    info = dict(metadata or {})
+    info[meta.PREFIX + "folded_bn"] = str(fold_report.folded)
+    meta.write(model, info)
+    t = time.perf_counter()
+    reference = reference_logits(module, samples)
+    report = validate(model, reference, samples, "fp32", labels, source)
+    seconds["validate"] = time.perf_counter() - t
+    if not report.passed:
+        raise ValidationFailed(
+            f"ONNX export failed validation, nothing written: {report.criterion}"
+        )
+    save_onnx(model, path)
+    program_path = path.with_suffix(".pt2")
+    save_program(program, program_path, info)
+    return ExportReport(
+        str(path),
+        str(program_path),
+        opset,
+        fold_report,
+        report,
+        op_histogram(model),
+        bn_nodes,
+        {k: round(v, 2) for k, v in seconds.items()},
+        model=model,
+    )
+
+
+@dataclass
+class ExportOptions:
+    opset: int = DEFAULT_OPSET  # ONNX opset (18-20)
+    fp16: bool = False  # also write <name>.fp16.onnx (fp16 weights/compute, fp32 I/O)
+    int8: bool = False  # also write <name>.int8.onnx (QDQ, static calibration)
+    int8_target: str = "cpu"  # cpu (U8S8, fast with VNNI) or tensorrt (symmetric S8S8)
+    calib_samples: int = 256  # training images to calibrate int8 activations on
+    calib_method: str = "minmax"  # minmax, entropy or percentile
+    val_samples: int = 512  # at most this many validation images check each export
+    triton_repo: str | None = None  # write a Triton model repository here
+    triton_max_batch_size: int = 32
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions) -> ExportReport:
+    """``convforge export``: checkpoint -> validated ONNX (+ variants, Triton repo, report)."""
+    from convforge.builder import ModelConfig, build_model
+    from convforge.builder.checkpoint import load_checkpoint
+    from convforge.export import precision
+
+    if opts.int8:
+        check_choice("int8 target", opts.int8_target, precision.INT8_TARGETS)
+        check_choice("calibration method", opts.calib_method, precision.CALIBRATION_METHODS)
+        if opts.calib_samples < 1:
+            raise UserError(f"--calib-samples must be positive, got {opts.calib_samples}")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise UserError(f"output path must end in .onnx, got {out}")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    ck = load_checkpoint(checkpoint)
+    try:
+        cfg = ModelConfig(**ck["model_config"])
+        model = build_model(cfg)
+        model.load_state_dict(ck["model_state"])
+    except (TypeError, RuntimeError) as e:
+        raise UserError(
+            f"{checkpoint}: its model does not match its config ({str(e).splitlines()[0]})"
+        ) from None
+    data = ck["data_config"]
+    input_size = (data["channels"], data["input_size"], data["input_size"])
+    info = meta.build(
+        arch=cfg.arch,
+        classes=data["classes"],
+        mean=data["mean"],
+        std=data["std"],
+        input_size=data["input_size"],
+        resize_size=data.get("resize_size", data["input_size"]),
+        channels=data["channels"],
+        folded_bn=0,
+        source_sha256=meta.sha256_of(checkpoint),
+    )
+    samples, labels, calib = _images(ck, opts)
+    report = export_onnx(
+        model,
+        out,
+        input_size,
+        opset=opts.opset,
+        metadata=info,
+        samples=samples,
+        labels=labels,
+    )
+    reference = reference_logits(model, samples) if samples is not None else None
+    if opts.fp16:
+        fp16 = precision.to_fp16(report.model)
+        _variant(report, "fp16", fp16, out, reference, samples, labels)
+    if opts.int8:
+        if calib is None or labels is None:
+            raise UserError(
+                f"--int8 needs the checkpoint's dataset ({data['dataset']}) for calibration and "
+                "accuracy, and it cannot be loaded here"
+            )
+        int8 = precision.to_int8(report.model, calib, opts.int8_target, opts.calib_method)
+        # TensorRT runs the Q/DQ graph as written; see convforge.export.validate.
+        optimized = opts.int8_target != "tensorrt"
+        _variant(report, "int8", int8, out, reference, samples, labels, optimized)
+    if opts.triton_repo:
+        from convforge.export.triton import write_triton_repo
+
+        best = out.with_suffix(".int8.onnx") if opts.int8 else out
+        repo = write_triton_repo(
+            best,
+            opts.triton_repo,
+            out.stem.replace(".", "_"),
+            data["classes"],
+            max_batch_size=opts.triton_max_batch_size,
+        )
+        report.triton_repo = str(repo)
+    write_text(out.with_suffix(".export.json"), json.dumps(report.as_dict(), indent=2) + "\n")
+    return report
+
+
+def _variant(report, name, model, out, reference, samples, labels, optimized=True) -> None:
+    source = report.validation.source
+    result = validate(model, reference, samples, name, labels, source, optimized)
+    path = out.with_suffix(f".{name}.onnx")
+    if not result.passed:
+        raise ValidationFailed(
+            f"{name} export failed validation, {path.name} not written: {result.criterion}"
+        )
+    save_onnx(model, path)
+    report.variants[name] = {"path": str(path), "report": result}
+
+
+def _images(ck: dict, opts: ExportOptions):
+    """Validation samples + labels and calibration images from the checkpoint's dataset.
+
+    Returns (None, None, None) when that dataset cannot be loaded here (a
+    moved folder): the export then validates on random inputs.
+    """
+    from convforge.builder.data import augment
+    from convforge.builder.data.sources import load_dataset
+
+    data, train_cfg = ck["data_config"], ck.get("train_config", {})
+    try:
+        bundle = load_dataset(
+            data["dataset"],
+            val_fraction=train_cfg.get("val_fraction", 0.1),
+            seed=train_cfg.get("seed", 0),
+            channels=data["channels"],
+        )
+    except UserError:
+        return None, None, None
+    tf = augment.eval_transform(data["input_size"], data["mean"], data["std"], bundle.native_size)
+    rng = np.random.default_rng(0)
+
+    def take(images, n):
+        idx = rng.permutation(len(images))[:n].tolist()
+        view = images.with_transform(tf)
+        x = torch.stack([view[i][0] for i in idx]).numpy().astype(np.float32)
+        return x, np.array([images.targets[i] for i in idx])
+
+    samples, labels = take(bundle.val, opts.val_samples)
+    calib = take(bundle.train, opts.calib_samples)[0] if opts.int8 else None
+    return samples, labels, calib

@@ -1,0 +1,83 @@
+"""``convforge inspect``: what an ONNX file holds, without running it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from convforge.errors import UserError
+from convforge.export import metadata as meta
+from convforge.export.onnx_export import op_histogram
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file; UserError when it is missing, truncated or not ONNX."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError; onnx wraps others
+        raise UserError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
+    if not model.graph.node:
+        raise UserError(f"{path} is not a readable ONNX model: the graph has no nodes")
+    return model
+
+
+def _tensor_info(value) -> dict:
+    t = value.type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+    return {
+        "name": value.name,
+        "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+        "shape": dims,
+    }
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """JSON-ready summary: versions, I/O, op histogram, parameters, size, metadata, BN count."""
+    model = load(path)
+    params = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    nodes = op_histogram(model)
+    return {
+        "path": str(path),
+        "file_bytes": Path(path).stat().st_size,
+        "ir_version": model.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [_tensor_info(v) for v in model.graph.input],
+        "outputs": [_tensor_info(v) for v in model.graph.output],
+        "parameters": params,
+        "nodes": sum(nodes.values()),
+        "op_histogram": nodes,
+        "batchnorm_nodes": nodes.get("BatchNormalization", 0),
+        "metadata": meta.decoded(model),
+    }
+
+
+def format_description(info: dict) -> str:
+    """The human rendering of :func:`describe`."""
+    io_lines = [
+        f"  {kind} {v['name']}: {v['dtype']} [{', '.join(map(str, v['shape']))}]"
+        for kind, values in (("input ", info["inputs"]), ("output", info["outputs"]))
+        for v in values
+    ]
+    ops = ", ".join(f"{op} {n}" for op, n in info["op_histogram"].items())
+    md = [f"  {k}: {v}" for k, v in info["metadata"].items()] or ["  (no convforge metadata)"]
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    return "\n".join(
+        [
+            f"{info['path']}: {info['file_bytes'] / 1e6:.2f} MB, IR version {info['ir_version']}, "
+            f"opset {opsets}, producer {info['producer'] or 'unknown'}",
+            *io_lines,
+            f"parameters: {info['parameters']:,}; nodes: {info['nodes']} "
+            f"(BatchNormalization: {info['batchnorm_nodes']})",
+            f"ops: {ops}",
+            "metadata:",
+            *md,
+        ]
+    )

@@ -1,0 +1,177 @@
+"""export_onnx and `convforge export` / `inspect` end to end on a tiny trained checkpoint."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from convforge.builder import create_model
+from convforge.builder.training.config import TrainConfig, recipe_model
+from convforge.builder.training.trainer import train
+from convforge.cli import main
+from convforge.errors import UserError
+from convforge.export import export_onnx
+from convforge.export import metadata as meta
+from convforge.export.exporter import ExportOptions, export_checkpoint
+from convforge.export.onnx_export import PT2_METADATA
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A ResNet-18 (base width 8) trained 2 epochs on 16 px digits: real BN statistics."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(input_size=16, epochs=2, out=str(out))
+    train(recipe_model("resnet18", 16, options={"base_width": 8}), cfg, progress=False)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "small.onnx"
+    model = create_model("plain", depth=1, width=4, num_classes=2, stem="small").eval()
+    export_onnx(model, path, input_size=(3, 8, 8))
+    return path
+
+
+def _with_bn_statistics(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_export_onnx_folds_every_bn_and_matches_at_another_batch_size(tmp_path):
+    model = _with_bn_statistics(create_model("vgg11_bn", num_classes=5, stem="small"))
+    report = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
+    assert report.batchnorm_nodes == 0 and report.fold.kept == 0 and report.fold.folded == 8
+    assert report.validation.passed
+    assert {r.batch_size for r in report.validation.runs} == {1, 8}
+    assert {r.graph_optimization for r in report.validation.runs} == {"disabled", "all"}
+    # Validate independently, at a batch size neither export nor validation used.
+    x = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert graph.input[0].name == "input" and graph.output[0].name == "logits"
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_pt2_program_runs_without_builder_code(tmp_path):
+    model = _with_bn_statistics(create_model("resnet18", num_classes=3, stem="small", base_width=8))
+    export_onnx(
+        model, tmp_path / "m.onnx", input_size=(3, 16, 16), metadata={"convforge.arch": "x"}
+    )
+    extra = {PT2_METADATA: ""}
+    program = torch.export.load(tmp_path / "m.pt2", extra_files=extra)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-4)
+    assert json.loads(extra[PT2_METADATA])["convforge.arch"] == "x"
+
+
+def test_export_checkpoint_writes_metadata_and_report(checkpoint, tmp_path):
+    out = tmp_path / "digits.onnx"
+    report = export_checkpoint(checkpoint, out, ExportOptions(val_samples=64))
+    assert report.validation.source == "dataset" and report.validation.samples == 64
+    assert report.validation.reference_accuracy == report.validation.onnx_accuracy
+    info = meta.decoded(onnx.load(out))
+    assert info["classes"] == [str(i) for i in range(10)]
+    assert info["channels"] == 1 and info["input_size"] == 16 and info["precision"] == "fp32"
+    assert info["folded_bn"] == report.fold.folded > 0
+    assert info["source_sha256"] == meta.sha256_of(checkpoint)
+    saved = json.loads(out.with_suffix(".export.json").read_text())
+    assert saved["validation"]["passed"] and saved["batchnorm_nodes"] == 0
+
+
+def test_failed_validation_writes_nothing(tmp_path, monkeypatch):
+    import convforge.export.validate as validate
+
+    monkeypatch.setattr(validate, "FP32_REL_TOL", -1.0)  # nothing can pass
+    model = create_model("plain", depth=2, width=8, num_classes=3, stem="small").eval()
+    with pytest.raises(UserError, match="failed validation, nothing written"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_and_inspect(checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(checkpoint), "-o", str(out), "--val-samples", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "PASS" in text and "folded into" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["batchnorm_nodes"] == 0 and info["opsets"]["ai.onnx"] == 18
+    assert info["inputs"][0]["shape"] == ["batch", 1, 16, 16]
+    assert info["metadata"]["arch"] == "resnet18" and info["parameters"] > 0
+    assert main(["inspect", str(out)]) == 0
+    assert "BatchNormalization: 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "{missing}", "-o", "{tmp}/m.onnx"], "does not exist"),
+        (["export", "{ckpt}", "-o", "{tmp}/no/dir/m.onnx"], "does not exist"),
+        (["export", "{ckpt}", "-o", "{tmp}/m.txt"], "must end in .onnx"),
+        (["export", "{ckpt}", "-o", "{tmp}/m.onnx", "--opset", "11"], "opset must be between"),
+        (["export", "{junk}", "-o", "{tmp}/m.onnx"], "is not a readable PyTorch file"),
+        (["inspect", "{junk}"], "is not a readable ONNX model"),
+        (["inspect", "{truncated}"], "is not a readable ONNX model"),
+        (["inspect", "{missing}"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_file(
+    argv, message, checkpoint, small_onnx, tmp_path, capsys
+):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00garbage" * 10)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(small_onnx.read_bytes()[:100])
+    names = {
+        "missing": tmp_path / "nope",
+        "tmp": tmp_path,
+        "ckpt": checkpoint,
+        "junk": junk,
+        "truncated": truncated,
+    }
+    before = set(tmp_path.iterdir())
+    assert main([a.format(**names) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convforge: error: ") and message in err and err.count("\n") == 1
+    assert set(tmp_path.iterdir()) == before  # no partial files
+
+
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_precision_variants_and_triton_repo(checkpoint, tmp_path, target):
+    out = tmp_path / "m.onnx"
+    opts = ExportOptions(
+        fp16=True,
+        int8=True,
+        int8_target=target,
+        calib_samples=128,
+        triton_repo=str(tmp_path / "repo"),
+    )
+    report = export_checkpoint(checkpoint, out, opts)
+    assert set(report.variants) == {"fp16", "int8"}
+    fp16, int8 = (report.variants[p]["report"] for p in ("fp16", "int8"))
+    assert fp16.passed and min(r.top1_agreement for r in fp16.runs) >= 0.99
+    assert int8.passed and int8.reference_accuracy - int8.onnx_accuracy <= 0.01
+    assert int8.accuracy_run == ("disabled" if target == "tensorrt" else "all")
+    info = meta.decoded(onnx.load(out.with_suffix(".int8.onnx")))
+    assert info["precision"] == "int8" and info["int8_target"] == target
+    assert info["classes"] == [str(i) for i in range(10)]
+    assert meta.decoded(onnx.load(out.with_suffix(".fp16.onnx")))["precision"] == "fp16"
+    model_dir = tmp_path / "repo" / "m"
+    assert (model_dir / "config.pbtxt").exists() and (model_dir / "1" / "model.onnx").exists()
+    assert (model_dir / "labels.txt").read_text().split() == [str(i) for i in range(10)]
