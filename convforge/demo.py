@@ -1,9 +1,10 @@
 """``convforge demo``: the pipeline end to end on the bundled data, ending in a report.
 
 Like ``cli.py``, this module may use all three parts. Steps today: the model
-zoo, the lecture's initialization experiment, and training the default
-recipe (a small-stem ResNet-18) on scikit-learn's digits; export and
-benchmarks join as those parts land. Everything goes to one folder:
+zoo, the lecture's initialization experiment, training the default recipe
+(a small-stem ResNet-18) on scikit-learn's digits, and exporting it
+(BatchNorm folded, validated fp32/fp16/int8 ONNX); benchmarks join as the
+runtime lands. Everything goes to one folder:
 ``report.md`` for a person, ``report.json`` for a machine, plots and the
 training run beside them.
 """
@@ -41,6 +42,7 @@ def run_demo(out: Path, epochs: int = 15, json_output: bool = False) -> dict:
         ("model zoo", _model_zoo),
         ("initialization experiment", _init_experiment),
         ("training on digits", lambda o, r, m: _train(o, r, m, epochs, json_output)),
+        ("export to ONNX", _export),
     ):
         say(f"demo: {title} ...")
         step(out, report["steps"], md)
@@ -110,6 +112,23 @@ def _train(out: Path, steps: dict, md: list[str], epochs: int, quiet: bool) -> N
         "Checkpoint `train/best.pt`, per-epoch numbers in `train/metrics.csv`.",
         "",
         "![training curves](train/curves.png)",
+        "",
+    ]
+
+
+def _export(out: Path, steps: dict, md: list[str]) -> None:
+    from convforge.export import ExportOptions, export_checkpoint
+
+    report = export_checkpoint(
+        out / "train" / "best.pt", out / "model.onnx", ExportOptions(fp16=True, int8=True)
+    )
+    steps["export"] = report.as_dict()
+    md += [
+        "## Export: BatchNorm folded, validated ONNX (fp32, fp16, int8)",
+        "",
+        *_code(report.format()),
+        "`model.onnx` carries its preprocessing in its metadata (`convforge inspect model.onnx`); "
+        "`model.pt2` is the same folded model as a torch.export program.",
         "",
     ]
 

@@ -145,7 +145,11 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--json"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
-    assert {"model_zoo", "init_experiment", "train"} <= set(report["steps"])
+    assert {"model_zoo", "init_experiment", "train", "export"} <= set(report["steps"])
+    assert report["steps"]["export"]["validation"]["passed"]
+    assert set(report["steps"]["export"]["variants"]) == {"fp16", "int8"}
+    for name in ("model.onnx", "model.pt2", "model.fp16.onnx", "model.int8.onnx"):
+        assert (tmp_path / name).exists()
     assert report["steps"]["train"]["epochs"] == 1
     assert (tmp_path / "train" / "best.pt").exists()
     assert (tmp_path / "report.md").read_text().startswith("# convforge demo report")

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     _require_fp32(model, "fp16")
     metadata = _metadata(model)
     # The converter edits the graph it is given; work on a copy so the caller's model survives.
-    converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True)
+    with warnings.catch_warnings():
+        # It warns once per weight below fp16's range ("will be truncated"); validation
+        # judges the converted model as a whole, so the per-weight noise is dropped.
+        warnings.filterwarnings("ignore", message=".*will be truncated.*")
+        converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True)
     _set_metadata(converted, metadata, {_PRECISION_KEY: "fp16"})
     onnx.checker.check_model(converted)
     return converted
