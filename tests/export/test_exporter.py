@@ -175,3 +175,14 @@ def test_precision_variants_and_triton_repo(checkpoint, tmp_path, target):
     model_dir = tmp_path / "repo" / "m"
     assert (model_dir / "config.pbtxt").exists() and (model_dir / "1" / "model.onnx").exists()
     assert (model_dir / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+
+
+def test_checkpoint_of_an_unknown_architecture(checkpoint, tmp_path):
+    from convforge.builder.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    ck["model_config"]["arch"] = "resnet19"
+    save_checkpoint(tmp_path / "odd.pt", ck)
+    with pytest.raises(UserError, match="unknown model 'resnet19'; choose one of"):
+        export_checkpoint(tmp_path / "odd.pt", tmp_path / "m.onnx", ExportOptions())
+    assert not (tmp_path / "m.onnx").exists()
