@@ -403,6 +403,171 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from convforge.runtime import load
+
+    options = _backend_options(args.set)
+    name = args.backend
+    with load(args.model, backend=name, **options.get(name, {})) as model:
+        results = model.predict(args.images, topk=args.topk)
+        ran = model.backend.describe()
+    if args.json:
+        record = {
+            "model": args.model,
+            **ran,
+            "predictions": [
+                {"image": str(image), "top": [p.__dict__ for p in top]}
+                for image, top in zip(args.images, results, strict=True)
+            ],
+        }
+        print(json.dumps(record, indent=2))
+        return 0
+    for image, top in zip(args.images, results, strict=True):
+        best = ", ".join(f"{p.label} {p.probability:.1%}" for p in top)
+        print(f"{image}: {best}")
+    print(f"({ran['backend']}, {ran['precision']})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from convforge.runtime import bench
+    from convforge.runtime.backends import BACKENDS, backend_class
+
+    cfg = bench.BenchConfig(
+        batch_sizes=tuple(_positive_ints("--batch-sizes", args.batch_sizes)),
+        warmup_iters=args.warmup_iters,
+        warmup_seconds=args.warmup_seconds,
+        iters=args.iters,
+        seconds=args.seconds,
+    )
+    explicit = args.backends != "available"
+    names, skipped = _csv(args.backends), []
+    if not explicit:
+        names = []
+        for name in BACKENDS:
+            ok, why = backend_class(name).available()
+            (names.append(name) if ok else skipped.append(f"{name} ({why})"))
+    options = _backend_options(args.set)
+    labelled = _labelled_images(args.accuracy, args.models[0]) if args.accuracy else None
+    records = []
+    for path in args.models:
+        for name in names:
+            try:
+                rs = bench.bench_backend(name, path, cfg, **options.get(name, {}))
+            except UserError as e:
+                if explicit:
+                    raise
+                skipped.append(f"{name} on {path} ({e})")
+                continue
+            if labelled is not None:
+                acc = bench.accuracy(name, path, *labelled)
+                rs = [{**r, "top1_accuracy": acc} for r in rs]
+            records += [{"model": path, **r} for r in rs]
+    if not records:
+        raise UserError("no backend could run: " + "; ".join(skipped))
+    env = bench.environment()
+    regressions = []
+    if args.compare:
+        regressions = bench.compare(records, bench.read_records(args.compare), args.threshold)
+    if args.json_out:
+        bench.write_json(args.json_out, records, env)
+    if args.csv_out:
+        bench.write_csv(args.csv_out, records)
+    if args.plot:
+        bench.plot(args.plot, records)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "environment": env,
+                    "records": records,
+                    "regressions": regressions,
+                    "skipped": skipped,
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(bench.format_table(records))
+        if labelled is not None:
+            for r in records:
+                if r["timing"] == "end-to-end" and r["batch_size"] == cfg.batch_sizes[0]:
+                    print(
+                        f"top-1 accuracy {r['backend']} {r['precision']}: {r['top1_accuracy']:.2%}"
+                    )
+        print(
+            f"\n{env['cpu']}, {env['logical_cores']} logical cores"
+            + (f", {env['gpu']}" if "gpu" in env else "")
+        )
+        for note in skipped:
+            print(f"skipped: {note}")
+        if any(r["unstable"] for r in records):
+            print(
+                "warning: some runs varied by more than 10% (cv); "
+                "close other programs or raise --seconds"
+            )
+        for reg in regressions:
+            print(
+                f"REGRESSION: {reg['backend']} {reg['precision']} batch {reg['batch_size']}: "
+                f"p50 {reg['p50_ms']:.3f} ms vs {reg['baseline_p50_ms']:.3f} ms "
+                f"(x{reg['slowdown']:.2f})"
+            )
+    return 1 if regressions else 0
+
+
+def _backend_options(items: list[str] | None) -> dict[str, dict]:
+    """``["torch.device=cuda", "ort-cpu.threads=2"]`` -> ``{"torch": {"device": "cuda"}, ...}``.
+
+    Values are JSON when they parse (numbers, true/false), else strings.
+    """
+    from convforge.runtime.backends import BACKENDS
+
+    options: dict[str, dict] = {}
+    for item in items or []:
+        name, dot, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not dot or not eq or not key:
+            raise UserError(f"--set takes BACKEND.KEY=VALUE (e.g. torch.device=cuda), got {item!r}")
+        if name not in BACKENDS:
+            raise UserError(
+                f"--set {item!r}: unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}"
+            )
+        try:
+            options.setdefault(name, {})[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options.setdefault(name, {})[key] = value
+    return options
+
+
+def _positive_ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in _csv(text)]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _labelled_images(spec: str, model_path: str):
+    """Raw validation images (uint8 HxW[xC]) and labels of dataset ``spec`` for --accuracy."""
+    from convforge.builder.data.sources import load_dataset
+    from convforge.runtime.artifact import read_info
+
+    info = read_info(model_path)
+    bundle = load_dataset(spec, channels=info.spec.channels)
+    if list(bundle.classes) != list(info.classes):
+        raise UserError(
+            f"dataset {spec!r} has classes {bundle.classes[:5]}..., the model "
+            f"{info.classes[:5]}...; --accuracy needs the model's own classes"
+        )
+    images = []
+    for i in range(len(bundle.val)):
+        x = bundle.val.load(i).numpy()
+        images.append(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
+    return images, list(bundle.val.targets)
+
+
 def cmd_demo(args) -> int:
     from convforge.demo import run_demo
 
@@ -560,6 +725,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes of images with an exported model",
+        description="Classify images with an exported model (.onnx; .pt2 for the torch "
+        "backend). Preprocessing comes from the model's metadata.",
+    )
+    p.add_argument("model", help="an exported .onnx (or .pt2) file")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (5)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="BACKEND.KEY=VALUE",
+        help="an option of the named --backend, e.g. torch.device=cuda",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="auto, ort-cpu, ort-cuda, ort-trt, tensorrt, openvino or torch (auto)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency/throughput per backend x precision x batch size",
+        description="Benchmark exported models: per backend and batch size, load time and "
+        "first inference apart, warm-up, then timed runs; latency mean/std/min/p50/p90/p95/"
+        "p99/max and images/s, end to end (and compute-only where inputs can stay on the "
+        "GPU). Exits 1 when --compare finds a regression.",
+    )
+    p.add_argument("models", nargs="+", help="exported .onnx files (e.g. fp32, fp16, int8)")
+    p.add_argument(
+        "--backends",
+        default="available",
+        help="comma-separated backends, or 'available' (every one that runs here)",
+    )
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (1,8,32)")
+    p.add_argument("--warmup-iters", type=int, default=10, help="warm-up runs, at least (10)")
+    p.add_argument("--warmup-seconds", type=float, default=1.0, help="warm-up, at least (1 s)")
+    p.add_argument("--iters", type=int, default=50, help="measured runs, at least (50)")
+    p.add_argument("--seconds", type=float, default=2.0, help="measured time, at least (2 s)")
+    p.add_argument("--accuracy", help="dataset spec: add each backend's top-1 on its val split")
+    p.add_argument("--compare", help="baseline bench JSON: flag slower p50s")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.10,
+        help="--compare: slowdown that counts as a regression (0.10 = 10%%)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="BACKEND.KEY=VALUE",
+        help="a backend option, repeatable: torch.device=cuda, torch.dtype=fp16, "
+        "torch.cuda_graphs=true, ort-cpu.threads=2, openvino.hint=THROUGHPUT",
+    )
+    p.add_argument("--json-out", help="write records as JSON")
+    p.add_argument("--csv-out", help="write records as CSV")
+    p.add_argument("--plot", help="write a PNG: latency and throughput vs batch size")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "demo",

@@ -3,8 +3,8 @@
 Like ``cli.py``, this module may use all three parts. Steps today: the model
 zoo, the lecture's initialization experiment, training the default recipe
 (a small-stem ResNet-18) on scikit-learn's digits, and exporting it
-(BatchNorm folded, validated fp32/fp16/int8 ONNX); benchmarks join as the
-runtime lands. Everything goes to one folder:
+(BatchNorm folded, validated fp32/fp16/int8 ONNX), then benchmarking the
+exported files on every runtime backend that runs here. Everything goes to one folder:
 ``report.md`` for a person, ``report.json`` for a machine, plots and the
 training run beside them.
 """
@@ -43,6 +43,7 @@ def run_demo(out: Path, epochs: int = 15, json_output: bool = False) -> dict:
         ("initialization experiment", _init_experiment),
         ("training on digits", lambda o, r, m: _train(o, r, m, epochs, json_output)),
         ("export to ONNX", _export),
+        ("benchmark", _bench),
     ):
         say(f"demo: {title} ...")
         step(out, report["steps"], md)
@@ -129,6 +130,31 @@ def _export(out: Path, steps: dict, md: list[str]) -> None:
         *_code(report.format()),
         "`model.onnx` carries its preprocessing in its metadata (`convforge inspect model.onnx`); "
         "`model.pt2` is the same folded model as a torch.export program.",
+        "",
+    ]
+
+
+def _bench(out: Path, steps: dict, md: list[str]) -> None:
+    from convforge.runtime import bench
+    from convforge.runtime.backends import BACKENDS, backend_class
+
+    cfg = bench.BenchConfig(batch_sizes=(1, 8), warmup_seconds=0.5, seconds=1.0, iters=20)
+    records, skipped = [], []
+    for path in (out / "model.onnx", out / "model.int8.onnx"):
+        for name in BACKENDS:
+            ok, why = backend_class(name).available()
+            if not ok:
+                skipped.append(f"{name}: {why}")
+                continue
+            if name == "torch" and path.name != "model.onnx":
+                continue  # the .pt2 program is the fp32 model
+            records += bench.bench_backend(name, str(path), cfg)
+    steps["bench"] = {"environment": bench.environment(), "records": records}
+    md += [
+        "## Benchmark of the exported model (batch 1 and 8, end to end)",
+        "",
+        *_code(bench.format_table(records)),
+        *(f"- not run: {s}" for s in dict.fromkeys(skipped)),
         "",
     ]
 

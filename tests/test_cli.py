@@ -145,7 +145,9 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--json"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
-    assert {"model_zoo", "init_experiment", "train", "export"} <= set(report["steps"])
+    assert {"model_zoo", "init_experiment", "train", "export", "bench"} <= set(report["steps"])
+    backends = {(r["backend"], r["precision"]) for r in report["steps"]["bench"]["records"]}
+    assert {("ort-cpu", "fp32"), ("ort-cpu", "int8"), ("torch", "fp32")} <= backends
     assert report["steps"]["export"]["validation"]["passed"]
     assert set(report["steps"]["export"]["variants"]) == {"fp16", "int8"}
     for name in ("model.onnx", "model.pt2", "model.fp16.onnx", "model.int8.onnx"):

@@ -17,6 +17,7 @@ from convforge.export import export_onnx
 from convforge.export import metadata as meta
 from convforge.export.exporter import ExportOptions, export_checkpoint
 from convforge.export.onnx_export import PT2_METADATA
+from tests.helpers import with_bn_statistics
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +37,8 @@ def small_onnx(tmp_path_factory):
     return path
 
 
-def _with_bn_statistics(model):
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
-    return model.eval()
-
-
 def test_export_onnx_folds_every_bn_and_matches_at_another_batch_size(tmp_path):
-    model = _with_bn_statistics(create_model("vgg11_bn", num_classes=5, stem="small"))
+    model = with_bn_statistics(create_model("vgg11_bn", num_classes=5, stem="small"))
     report = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
     assert report.batchnorm_nodes == 0 and report.fold.kept == 0 and report.fold.folded == 8
     assert report.validation.passed
@@ -68,7 +59,7 @@ def test_export_onnx_folds_every_bn_and_matches_at_another_batch_size(tmp_path):
 
 
 def test_pt2_program_runs_without_builder_code(tmp_path):
-    model = _with_bn_statistics(create_model("resnet18", num_classes=3, stem="small", base_width=8))
+    model = with_bn_statistics(create_model("resnet18", num_classes=3, stem="small", base_width=8))
     export_onnx(
         model, tmp_path / "m.onnx", input_size=(3, 16, 16), metadata={"convforge.arch": "x"}
     )

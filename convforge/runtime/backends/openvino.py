@@ -1,0 +1,126 @@
+"""OpenVINO on the CPU: the exported ONNX compiled by ``ov.Core().compile_model``.
+
+    backend = OpenVino("model.onnx", hint="LATENCY", precision=None, threads=None)
+
+Options:
+
+* ``hint``: ``"LATENCY"`` (default) or ``"THROUGHPUT"`` (OpenVINO's PERFORMANCE_HINT:
+  one stream using every core, or several streams for batched/parallel work).
+* ``precision``: ``"f32"``, ``"bf16"`` or ``None`` (INFERENCE_PRECISION_HINT). ``None``
+  lets OpenVINO choose: bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), else f32.
+  A request the CPU cannot honour (bf16 without hardware support) is downgraded by
+  OpenVINO; the precision that actually runs is read back from the compiled model and
+  is what :attr:`precision` and :meth:`describe` report, never the request.
+* ``threads``: INFERENCE_NUM_THREADS (``None``: OpenVINO's default).
+
+An int8 (QDQ) export runs its quantized ops in int8; it reports ``"int8"`` when the
+ONNX metadata says so. openvino is imported inside the methods only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convforge.errors import UserError, check_choice
+from convforge.runtime.backends.base import Backend, InputSpec
+
+HINTS = ("LATENCY", "THROUGHPUT")
+PRECISIONS = ("f32", "bf16")
+_OPTIONS = ("hint", "precision", "threads")
+# OpenVINO element type name -> convforge precision name
+_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+class OpenVino(Backend):
+    name = "openvino"
+
+    def __init__(self, path: str, **options) -> None:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise UserError(
+                f"unknown option(s) for backend 'openvino': {', '.join(unknown)}; "
+                f"accepted: {', '.join(_OPTIONS)}"
+            )
+        super().__init__(path, **options)
+        self.hint = check_choice("openvino hint", str(options.get("hint", "LATENCY")), HINTS)
+        precision = options.get("precision")
+        if precision is not None:
+            check_choice("openvino precision", precision, PRECISIONS)
+        self.requested_precision = precision
+        threads = options.get("threads")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise UserError(f"openvino threads must be a positive integer, got {threads!r}")
+        self.threads = threads
+        self._compiled = None
+        self._request = None
+        self._settings: dict = {}
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return False, "openvino is not installed: pip install 'convforge[openvino]'"
+        return True, ""
+
+    def _load(self) -> InputSpec:
+        import openvino as ov
+
+        from convforge.runtime.artifact import read_info
+
+        info = read_info(self.path)
+        config = {"PERFORMANCE_HINT": self.hint}
+        if self.requested_precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = self.requested_precision
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = str(self.threads)
+        core = ov.Core()
+        try:
+            compiled = core.compile_model(self.path, "CPU", config)
+        except RuntimeError as e:
+            raise UserError(
+                f"OpenVINO could not compile {self.path}: {str(e).strip().splitlines()[0]}"
+            ) from None
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        ran = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = _PRECISION_NAMES.get(ran, ran)
+        if info.precision == "int8":
+            self.precision = "int8"
+        self._settings = {
+            "device": "CPU",
+            "hint": self.hint,
+            "requested_precision": self.requested_precision,
+            "inference_precision": ran,
+            "threads": _int_property(compiled, "INFERENCE_NUM_THREADS"),
+            "streams": _int_property(compiled, "NUM_STREAMS"),
+            "openvino": ov.__version__.split("-")[0],
+        }
+        return info.spec
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        self._request.infer({0: batch})
+        out = self._request.get_output_tensor(0).data
+        return np.array(out, dtype=np.float32, copy=True)
+
+    def _close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self._settings}
+
+
+def _type_name(value) -> str:
+    """'f32' / 'bf16' / ... from an ov.Type, or from a string in either spelling."""
+    if hasattr(value, "get_type_name"):
+        return value.get_type_name()
+    text = str(value).lower()
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(text, text)
+
+
+def _int_property(compiled, key: str) -> int | None:
+    try:
+        return int(compiled.get_property(key))
+    except (RuntimeError, TypeError, ValueError):
+        return None

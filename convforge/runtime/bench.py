@@ -1,0 +1,291 @@
+"""``convforge bench``: latency and throughput per backend x batch size, honestly measured.
+
+For each backend and batch size: load (build/compile time recorded apart),
+one first inference (timed apart: it pays lazy initialization), warm-up
+(``warmup_iters`` and at least ``warmup_seconds``), then the measured run
+(``iters`` and at least ``seconds``). Each iteration is one synchronous
+``run`` of a fixed random batch: end to end, host<->device copies included
+on GPUs. Backends that can keep inputs on the device (``stage`` +
+``run_device_resident``) are measured a second time compute-only, and the
+record says which (``timing``: ``end-to-end`` or ``compute-only``).
+
+Every record is flat (``backend``, ``precision``, ``batch_size``, ``timing``,
+``p50_ms`` ... ``throughput_ips``) and carries the environment it ran in.
+A coefficient of variation above 10% marks the record ``unstable``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from convforge.errors import UserError
+from convforge.files import atomic_write
+from convforge.runtime import backends
+from convforge.runtime.artifact import read_info
+
+UNSTABLE_CV = 0.10  # std / mean above this is flagged
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    warmup_iters: int = 10  # at least this many warm-up runs ...
+    warmup_seconds: float = 1.0  # ... lasting at least this long
+    iters: int = 50  # at least this many measured runs ...
+    seconds: float = 2.0  # ... lasting at least this long
+    seed: int = 0
+
+
+def latency_stats(samples_ms: list[float], batch_size: int) -> dict:
+    """mean/std/min/percentiles/max in ms, throughput in images/s, cv, unstable flag."""
+    if not samples_ms:
+        raise ValueError("no samples")
+    a = np.asarray(samples_ms, dtype=np.float64)
+    mean = float(a.mean())
+    std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    stats = {
+        "iterations": len(a),
+        "mean_ms": mean,
+        "std_ms": std,
+        "min_ms": float(a.min()),
+        **{f"p{q}_ms": float(np.percentile(a, q)) for q in PERCENTILES},
+        "max_ms": float(a.max()),
+        "throughput_ips": batch_size * 1000.0 / float(np.median(a)),
+        "cv": std / mean if mean > 0 else 0.0,
+    }
+    stats["unstable"] = stats["cv"] > UNSTABLE_CV
+    return stats
+
+
+def _timed(fn, cfg: BenchConfig) -> list[float]:
+    start = time.perf_counter()
+    done = 0
+    while done < cfg.warmup_iters or time.perf_counter() - start < cfg.warmup_seconds:
+        fn()
+        done += 1
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < cfg.iters or time.perf_counter() - start < cfg.seconds:
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return samples
+
+
+def bench_backend(name: str, path: str, cfg: BenchConfig, **options) -> list[dict]:
+    """Records for one backend over ``cfg.batch_sizes``."""
+    info = read_info(path)
+    backend = backends.create(name, path, **options)
+    t = time.perf_counter()
+    backend.load()
+    load_s = time.perf_counter() - t
+    records = []
+    try:
+        rng = np.random.default_rng(cfg.seed)
+        for bs in cfg.batch_sizes:
+            batch = rng.standard_normal((bs, *_shape(info))).astype(np.float32)
+            t = time.perf_counter()
+            backend.run(batch)
+            first_ms = (time.perf_counter() - t) * 1e3
+            base = {
+                **backend.describe(),
+                "batch_size": bs,
+                "load_s": round(load_s, 3),
+                "first_inference_ms": round(first_ms, 3),
+            }
+            samples = _timed(lambda b=batch: backend.run(b), cfg)
+            records.append({**base, "timing": "end-to-end", **latency_stats(samples, bs)})
+            if hasattr(backend, "stage") and hasattr(backend, "run_device_resident"):
+                backend.stage(batch)
+                samples = _timed(backend.run_device_resident, cfg)
+                records.append({**base, "timing": "compute-only", **latency_stats(samples, bs)})
+    finally:
+        backend.close()
+    return records
+
+
+def _shape(info) -> tuple[int, int, int]:
+    return info.spec.channels, info.spec.height, info.spec.width
+
+
+def accuracy(name: str, path: str, images: list, labels: list[int], **options) -> float:
+    """Top-1 accuracy of backend ``name`` on raw ``images`` (preprocessed from metadata)."""
+    from convforge.runtime.model import load
+
+    with load(path, backend=name, **options) as model:
+        hits = 0
+        for i in range(0, len(images), 64):
+            top = model.predict(images[i : i + 64], topk=1)
+            hits += sum(t[0].index == y for t, y in zip(top, labels[i : i + 64], strict=True))
+    return hits / max(len(labels), 1)
+
+
+def environment() -> dict:
+    """CPU, cores, GPU and library versions of this run (what the numbers belong to)."""
+    env = {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    for lib in ("onnxruntime", "openvino", "tensorrt", "torch", "numpy"):
+        try:
+            module = __import__(lib)
+            env[f"{lib}_version"] = str(getattr(module, "__version__", "unknown"))
+        except ImportError:
+            pass
+    env.update(_gpu())
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _gpu() -> dict:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return {}
+    try:
+        out = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+    except (subprocess.SubprocessError, OSError):
+        return {}
+    if not out:
+        return {}
+    name, driver = (s.strip() for s in out[0].split(",", 1))
+    return {"gpu": name, "gpu_driver": driver}
+
+
+def compare(records: list[dict], baseline: list[dict], threshold: float) -> list[dict]:
+    """Records whose p50 is more than ``threshold`` (0.1 = 10%) slower than the baseline's."""
+    key = ("backend", "precision", "batch_size", "timing")
+    base = {tuple(r.get(k) for k in key): r for r in baseline}
+    regressions = []
+    for r in records:
+        old = base.get(tuple(r.get(k) for k in key))
+        if old and r["p50_ms"] > old["p50_ms"] * (1 + threshold):
+            regressions.append(
+                {
+                    **{k: r[k] for k in key},
+                    "p50_ms": r["p50_ms"],
+                    "baseline_p50_ms": old["p50_ms"],
+                    "slowdown": r["p50_ms"] / old["p50_ms"],
+                }
+            )
+    return regressions
+
+
+def read_records(path) -> list[dict]:
+    """A bench JSON file's records (a list, or {"records": [...]})."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read baseline {path}: {e}") from None
+    records = data["records"] if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise UserError(f"{path} holds no list of bench records")
+    return records
+
+
+def write_json(path, records: list[dict], env: dict) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump({"environment": env, "records": records}, f, indent=2)
+
+
+def write_csv(path, records: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def format_table(records: list[dict]) -> str:
+    from convforge.console import format_table as table
+
+    rows = [
+        [
+            r["backend"],
+            r["precision"],
+            r["timing"],
+            r["batch_size"],
+            round(r["p50_ms"], 3),
+            round(r["p90_ms"], 3),
+            round(r["p99_ms"], 3),
+            round(r["mean_ms"], 3),
+            round(r["throughput_ips"], 1),
+            "unstable" if r["unstable"] else "",
+        ]
+        for r in records
+    ]
+    headers = [
+        "backend",
+        "precision",
+        "timing",
+        "batch",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "mean ms",
+        "images/s",
+        "",
+    ]
+    return table(headers, rows)
+
+
+def plot(path, records: list[dict]) -> None:
+    """PNG: p50 latency vs batch size per backend (left), latency histograms (right)."""
+    from convforge.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4))
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["backend"], r["precision"], r["timing"]), []).append(r)
+    for (backend, precision, timing), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["batch_size"])
+        label = f"{backend} {precision}" + (" (compute)" if timing == "compute-only" else "")
+        bs = [r["batch_size"] for r in rs]
+        ax_lat.plot(bs, [r["p50_ms"] for r in rs], marker="o", label=label)
+        ax_tp.plot(bs, [r["throughput_ips"] for r in rs], marker="o", label=label)
+    for ax, ylabel in ((ax_lat, "p50 latency (ms)"), (ax_tp, "throughput (images/s)")):
+        ax.set(xlabel="batch size", ylabel=ylabel, xscale="log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

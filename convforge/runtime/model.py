@@ -1,0 +1,90 @@
+"""The Model API: an exported file + a backend -> top-k labels for images.
+
+    from convforge.runtime import load
+    with load("model.onnx", backend="auto") as model:
+        for top in model.predict(["cat.jpg", "dog.png"], topk=3):
+            print(top[0].label, top[0].probability)
+
+Preprocessing (channels, resize, crop, normalization) comes from the file's
+metadata (:mod:`.artifact`), so nothing else is needed to serve it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from convforge.errors import UserError
+from convforge.runtime import backends
+from convforge.runtime.artifact import ModelInfo, read_info
+from convforge.runtime.backends.base import Backend
+from convforge.runtime.preprocess import preprocess
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str  # class name from the model's metadata
+    index: int  # logit position
+    probability: float  # softmax probability, in [0, 1]
+
+
+class Model:
+    """A loaded model: :meth:`predict` for images, :meth:`logits` for preprocessed batches."""
+
+    def __init__(self, info: ModelInfo, backend: Backend, batch_size: int = 32) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size must be positive, got {batch_size}")
+        self.info = info
+        self.backend = backend
+        self.batch_size = batch_size
+
+    def preprocess(self, images) -> np.ndarray:
+        """float32 [N, C, H, W] for file paths, PIL images or uint8 arrays."""
+        return preprocess(images, self.info)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, K] logits for a preprocessed batch, run in chunks of ``batch_size``."""
+        if isinstance(batch, np.ndarray) and batch.ndim == 4 and len(batch) > self.batch_size:
+            return np.concatenate(
+                [
+                    self.backend.run(batch[i : i + self.batch_size])
+                    for i in range(0, len(batch), self.batch_size)
+                ]
+            )
+        return self.backend.run(batch)
+
+    def predict(self, images, topk: int = 5) -> list[list[Prediction]]:
+        """For each image, its ``topk`` most probable classes, best first."""
+        if topk < 1:
+            raise UserError(f"topk must be at least 1, got {topk}")
+        logits = self.logits(self.preprocess(images)).astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(topk, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        names = self.info.classes
+        return [
+            [Prediction(names[j] if j < len(names) else str(j), int(j), float(p[j])) for j in row]
+            for p, row in zip(probs, order, strict=True)
+        ]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path, backend: str = "auto", batch_size: int = 32, **options) -> Model:
+    """Load an exported model (.onnx, or .pt2 for the torch backend) on ``backend``.
+
+    ``options`` go to the backend (e.g. ``threads=2`` for ort-cpu). A backend
+    asked for by name that cannot run raises BackendUnavailable naming why.
+    """
+    info = read_info(path)
+    engine = backends.create(backend, str(path), **options).load()
+    return Model(info, engine, batch_size)

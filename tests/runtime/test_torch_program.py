@@ -1,0 +1,190 @@
+"""The PyTorch backend: the exported .pt2 program against the model it came from."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from convforge.builder import create_model
+from convforge.errors import UserError
+from convforge.export import export_onnx
+from convforge.export import metadata as meta
+from convforge.runtime.backends.base import BackendUnavailable
+from convforge.runtime.backends.torch_program import TorchProgram
+from tests.helpers import with_bn_statistics
+
+CLASSES = ["a", "b", "c", "d", "e"]
+NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False here)"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(path to .onnx, PyTorch model): a ResNet-18 (width 8) at 16 px, real BN statistics."""
+    torch.manual_seed(0)
+    model = with_bn_statistics(
+        create_model("resnet18", num_classes=len(CLASSES), stem="small", base_width=8)
+    )
+    info = meta.build(
+        arch="resnet18",
+        classes=CLASSES,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        input_size=16,
+        resize_size=16,
+        channels=3,
+        folded_bn=0,
+        source_sha256="0" * 64,
+    )
+    path = tmp_path_factory.mktemp("torch") / "m.onnx"
+    export_onnx(model, path, input_size=(3, 16, 16), metadata=info)
+    return path, model
+
+
+def _batch(n, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
+
+
+def _reference(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_fp32_matches_pytorch(exported, n, suffix):
+    path, model = exported
+    x = _batch(n)
+    want = _reference(model, x)
+    with TorchProgram(path.with_suffix(suffix)) as backend:
+        assert backend.spec.channels == 3 and (backend.spec.height, backend.spec.width) == (16, 16)
+        got = backend.run(x)
+        info = backend.describe()
+    assert got.dtype == np.float32 and got.shape == (n, len(CLASSES))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert info["backend"] == "torch" and info["precision"] == "fp32"
+    assert info["device"] == "cpu" and info["program"] == str(path.with_suffix(".pt2"))
+
+
+def test_channels_last_matches_pytorch(exported):
+    path, model = exported
+    x = _batch(5, seed=2)
+    want = _reference(model, x)
+    with TorchProgram(path, channels_last=True) as backend:
+        got = backend.run(x)
+        assert backend.describe()["channels_last"] is True
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_bf16_agrees_on_top1_and_returns_float32(exported, n):
+    path, model = exported
+    x = _batch(n, seed=3)
+    want = _reference(model, x)
+    with TorchProgram(path, dtype="bf16") as backend:
+        got = backend.run(x)
+        assert backend.precision == "bf16" and backend.describe()["dtype"] == "bf16"
+    assert got.dtype == np.float32
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - want).max() <= 5e-2 * np.abs(want).max()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_matches_pytorch(exported):
+    path, model = exported
+    x = _batch(2, seed=4)
+    want = _reference(model, x)
+    with TorchProgram(path, compile=True) as backend:
+        got = backend.run(x)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_missing_program_is_a_user_error(exported, tmp_path):
+    alone = tmp_path / "alone.onnx"
+    shutil.copy(exported[0], alone)
+    with pytest.raises(UserError, match=r"alone\.pt2 does not exist.*convforge export"):
+        TorchProgram(alone).load()
+
+
+def test_foreign_program_is_a_user_error(tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a torch.export program"):
+        TorchProgram(junk).load()
+
+
+def test_wrong_input_is_a_user_error_before_the_backend(exported, monkeypatch):
+    with TorchProgram(exported[0]) as backend:
+        monkeypatch.setattr(backend, "_run", lambda batch: pytest.fail("backend was called"))
+        with pytest.raises(UserError, match="3-channel"):
+            backend.run(np.zeros((2, 1, 16, 16), np.float32))
+        with pytest.raises(UserError, match="16x16"):
+            backend.run(np.zeros((2, 3, 32, 32), np.float32))
+        with pytest.raises(UserError, match="4-D"):
+            backend.run(np.zeros((3, 16, 16), np.float32))
+
+
+def test_bad_options_are_user_errors(exported):
+    path, _ = exported
+    with pytest.raises(UserError, match="cpu, cuda"):
+        TorchProgram(path, device="tpu")
+    with pytest.raises(UserError, match="fp32, fp16, bf16"):
+        TorchProgram(path, dtype="int8")
+    with pytest.raises(UserError, match="cuda_graphs needs device='cuda'"):
+        TorchProgram(path, cuda_graphs=True)
+    with pytest.raises(UserError, match="unknown option"):
+        TorchProgram(path, threads=2)
+
+
+def test_available():
+    assert TorchProgram.available() == (True, "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_a_gpu_is_unavailable(exported):
+    ok, why = TorchProgram.available("cuda")
+    assert not ok and "cuda" in why
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        TorchProgram(exported[0], device="cuda").load()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("fp16", 2e-2), ("bf16", 5e-2)])
+def test_cuda_matches_pytorch(exported, dtype, tol):
+    path, model = exported
+    x = _batch(5, seed=5)
+    want = _reference(model, x)
+    with TorchProgram(path, device="cuda", dtype=dtype, channels_last=True) as backend:
+        got = backend.run(x)
+        assert backend.describe()["device"] == "cuda" and backend.precision == dtype
+    assert got.dtype == np.float32
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_graphs_replay_per_batch_shape(exported):
+    path, model = exported
+    with TorchProgram(path, device="cuda", cuda_graphs=True) as backend:
+        for n, seed in [(1, 6), (5, 7), (1, 8)]:  # the third run replays the first graph
+            x = _batch(n, seed=seed)
+            want = _reference(model, x)
+            got = backend.run(x)
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+        assert len(backend._graphs) == 2
+
+
+def test_spec_comes_from_the_onnx_when_the_program_has_no_metadata(tmp_path):
+    """An export without convforge metadata still serves: the ONNX declares the input shape."""
+    model = create_model("plain", depth=1, width=4, num_classes=2, stem="small").eval()
+    export_onnx(model, tmp_path / "bare.onnx", input_size=(3, 8, 8))
+    x = np.random.default_rng(9).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    with TorchProgram(tmp_path / "bare.onnx") as backend:
+        assert (backend.spec.channels, backend.spec.height) == (3, 8)
+        got = backend.run(x)
+    assert np.abs(got - _reference(model, x)).max() <= 1e-5 * np.abs(_reference(model, x)).max()
+    with pytest.raises(UserError, match="no convforge metadata"):
+        TorchProgram(tmp_path / "bare.pt2").load()
