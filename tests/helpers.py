@@ -1,5 +1,6 @@
 """Small helpers shared by the tests."""
 
+import numpy as np
 import torch
 
 
@@ -14,3 +15,37 @@ def with_bn_statistics(model: torch.nn.Module) -> torch.nn.Module:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0, 0.2)
     return model.eval()
+
+
+SMALL_CLASSES = ["a", "b", "c", "d", "e"]
+SMALL_INPUT = (3, 16, 16)
+
+
+def export_small_model(folder):
+    """(path to .onnx, eval PyTorch model): a ResNet-18 of width 8 for 16 px RGB, real BN
+    statistics, exported by convforge (.onnx and .pt2) with full metadata."""
+    from convforge.builder import create_model
+    from convforge.export import export_onnx
+    from convforge.export import metadata as meta
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=len(SMALL_CLASSES), stem="small", base_width=8)
+    model = with_bn_statistics(model)
+    info = meta.build(
+        arch="resnet18", classes=SMALL_CLASSES, mean=[0.5] * 3, std=[0.25] * 3,
+        input_size=16, resize_size=16, channels=3, folded_bn=0, source_sha256="0" * 64,
+    )  # fmt: skip
+    path = folder / "m.onnx"
+    export_onnx(model, path, input_size=SMALL_INPUT, metadata=info)
+    return path, model
+
+
+def random_batch(n: int, seed: int = 1) -> np.ndarray:
+    """float32 [n, 3, 16, 16] standard-normal inputs for the small model."""
+    return np.random.default_rng(seed).standard_normal((n, *SMALL_INPUT)).astype(np.float32)
+
+
+def torch_logits(model, x: np.ndarray) -> np.ndarray:
+    """The PyTorch reference logits for ``x``."""
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()

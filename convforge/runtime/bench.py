@@ -21,7 +21,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -285,7 +284,3 @@ def plot(path, records: list[dict]) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     save_png(fig, path)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)

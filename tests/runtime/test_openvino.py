@@ -6,58 +6,33 @@ import sys
 import numpy as np
 import onnx
 import pytest
-import torch
 
-from convforge.builder import create_model
 from convforge.errors import UserError
-from convforge.export import export_onnx
-from convforge.export import metadata as meta
 from convforge.runtime.backends.base import BackendUnavailable
 from convforge.runtime.backends.openvino import OpenVino
-from tests.helpers import with_bn_statistics
+from tests.helpers import (
+    SMALL_CLASSES,
+    export_small_model,
+    random_batch,
+    torch_logits,
+)
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino)")
 
-CLASSES = ["a", "b", "c", "d", "e"]
+CLASSES = SMALL_CLASSES
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(path to .onnx, PyTorch model): a ResNet-18 (width 8) at 16 px, real BN statistics."""
-    torch.manual_seed(0)
-    model = with_bn_statistics(
-        create_model("resnet18", num_classes=len(CLASSES), stem="small", base_width=8)
-    )
-    info = meta.build(
-        arch="resnet18",
-        classes=CLASSES,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-        input_size=16,
-        resize_size=16,
-        channels=3,
-        folded_bn=0,
-        source_sha256="0" * 64,
-    )
-    path = tmp_path_factory.mktemp("ov") / "m.onnx"
-    export_onnx(model, path, input_size=(3, 16, 16), metadata=info)
+    path, model = export_small_model(tmp_path_factory.mktemp("ov"))
     return path, model
-
-
-def _batch(n, seed=1):
-    return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
-
-
-def _reference(model, x):
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
 
 
 @pytest.mark.parametrize("n", [1, 5])
 def test_f32_matches_pytorch(exported, n):
     path, model = exported
-    x = _batch(n)
-    want = _reference(model, x)
+    x = random_batch(n)
+    want = torch_logits(model, x)
     with OpenVino(path, precision="f32") as backend:
         assert backend.spec.channels == 3 and (backend.spec.height, backend.spec.width) == (16, 16)
         got = backend.run(x)
@@ -77,8 +52,8 @@ def _tolerance(precision):
 def test_default_precision_is_read_back_from_the_compiled_model(exported):
     """precision=None lets OpenVINO choose; describe() reports what it chose, not a guess."""
     path, model = exported
-    x = _batch(5, seed=2)
-    want = _reference(model, x)
+    x = random_batch(5, seed=2)
+    want = torch_logits(model, x)
     with OpenVino(path) as backend:
         got = backend.run(x)
         info = backend.describe()
@@ -92,8 +67,8 @@ def test_default_precision_is_read_back_from_the_compiled_model(exported):
 def test_bf16_request_reports_the_precision_that_ran(exported):
     """A bf16 request runs bf16 where the CPU has it; elsewhere OpenVINO runs f32 and says so."""
     path, model = exported
-    x = _batch(5, seed=3)
-    want = _reference(model, x)
+    x = random_batch(5, seed=3)
+    want = torch_logits(model, x)
     with OpenVino(path, precision="bf16", hint="THROUGHPUT") as backend:
         got = backend.run(x)
         info = backend.describe()
@@ -107,11 +82,11 @@ def test_int8_model_reports_int8(exported, tmp_path):
     from convforge.export.precision import to_int8
 
     path, model = exported
-    quantized = to_int8(onnx.load(path), _batch(32, seed=4))
+    quantized = to_int8(onnx.load(path), random_batch(32, seed=4))
     q_path = tmp_path / "m_int8.onnx"
     onnx.save(quantized, q_path)
-    x = _batch(5, seed=5)
-    want = _reference(model, x)
+    x = random_batch(5, seed=5)
+    want = torch_logits(model, x)
     with OpenVino(q_path) as backend:
         got = backend.run(x)
         assert backend.precision == "int8" and backend.describe()["precision"] == "int8"

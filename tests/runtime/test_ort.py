@@ -4,47 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from convforge.errors import UserError
 from convforge.runtime.backends.base import BackendUnavailable
 from convforge.runtime.backends.ort import NO_CUDA, NO_TRT, OrtCpu, OrtCuda, OrtTensorRT
+from tests.helpers import (
+    SMALL_INPUT,
+    export_small_model,
+    random_batch,
+    torch_logits,
+)
 
-SIZE = (3, 16, 16)
+SIZE = SMALL_INPUT
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(path to a small exported resnet18 .onnx, the eval-mode torch model)."""
-    from convforge.builder import create_model
-    from convforge.export import export_onnx
-    from convforge.export.metadata import build
-
-    torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=5, stem="small", base_width=8).eval()
-    path = tmp_path_factory.mktemp("ort") / "model.onnx"
-    meta = build(
-        arch="resnet18",
-        classes=[f"c{i}" for i in range(5)],
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-        input_size=16,
-        resize_size=16,
-        channels=3,
-        folded_bn=0,
-        source_sha256="0" * 64,
-    )
-    export_onnx(model, path, input_size=SIZE, metadata=meta)
+    path, model = export_small_model(tmp_path_factory.mktemp("ort"))
     return str(path), model
-
-
-def _batch(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *SIZE)).astype(np.float32)
-
-
-def _reference(model, batch: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(batch)).numpy()
 
 
 def _assert_close(got: np.ndarray, want: np.ndarray) -> None:
@@ -63,9 +40,9 @@ def test_cpu_available():
 @pytest.mark.parametrize("n", [1, 7])
 def test_cpu_matches_torch(exported, n):
     path, model = exported
-    batch = _batch(n, seed=n)
+    batch = random_batch(n, seed=n)
     with OrtCpu(path) as backend:
-        _assert_close(backend.run(batch), _reference(model, batch))
+        _assert_close(backend.run(batch), torch_logits(model, batch))
         assert backend.spec.channels == 3 and backend.spec.height == 16
         assert backend.precision == "fp32"
 
@@ -91,16 +68,16 @@ def test_cpu_bad_input_is_user_error(exported, batch, message):
 def test_cpu_run_before_load(exported):
     backend = OrtCpu(exported[0])
     with pytest.raises(RuntimeError, match="load"):
-        backend.run(_batch(1))
+        backend.run(random_batch(1))
 
 
 def test_cpu_context_manager_closes(exported):
     with OrtCpu(exported[0]) as backend:
         assert backend.session is not None
-        backend.run(_batch(2))
+        backend.run(random_batch(2))
     assert backend.session is None
     with pytest.raises(RuntimeError, match="load"):
-        backend.run(_batch(1))
+        backend.run(random_batch(1))
 
 
 def test_cpu_describe(exported):
@@ -242,33 +219,33 @@ def _require(provider: str) -> None:
 def test_gpu_matches_torch(exported, cls, n, tmp_path):
     _require(cls.provider)
     path, model = exported
-    batch = _batch(n, seed=n)
+    batch = random_batch(n, seed=n)
     options = {"cache_dir": str(tmp_path)} if cls is OrtTensorRT else {}
     with cls(path, **options) as backend:
         assert backend.session.get_providers()[0] == cls.provider
-        _assert_close(backend.run(batch), _reference(model, batch))
+        _assert_close(backend.run(batch), torch_logits(model, batch))
 
 
 @pytest.mark.gpu
 def test_cuda_io_binding_device_resident(exported):
     _require("CUDAExecutionProvider")
     path, model = exported
-    batch = _batch(4)
+    batch = random_batch(4)
     with OrtCuda(path) as backend:
         backend.stage(batch)
         x, y = backend._buffers[4]
         assert x.device_name().lower() == "cuda" and y.device_name().lower() == "cuda"
         backend.run_device_resident()
-        _assert_close(backend.fetch(), _reference(model, batch))
+        _assert_close(backend.fetch(), torch_logits(model, batch))
 
 
 @pytest.mark.gpu
-def test_cuda_graph_fixed_batch(exported):
+def test_cuda_graph_fixedrandom_batch(exported):
     _require("CUDAExecutionProvider")
     path, model = exported
     with OrtCuda(path, cuda_graph=True) as backend:
         for seed in range(3):  # capture, then replays on new data in the same buffers
-            batch = _batch(2, seed=seed)
-            _assert_close(backend.run(batch), _reference(model, batch))
+            batch = random_batch(2, seed=seed)
+            _assert_close(backend.run(batch), torch_logits(model, batch))
         with pytest.raises(UserError, match="fixed batch size"):
-            backend.run(_batch(3))
+            backend.run(random_batch(3))

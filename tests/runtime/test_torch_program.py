@@ -9,53 +9,31 @@ import torch
 from convforge.builder import create_model
 from convforge.errors import UserError
 from convforge.export import export_onnx
-from convforge.export import metadata as meta
 from convforge.runtime.backends.base import BackendUnavailable
 from convforge.runtime.backends.torch_program import TorchProgram
-from tests.helpers import with_bn_statistics
+from tests.helpers import (
+    SMALL_CLASSES,
+    export_small_model,
+    random_batch,
+    torch_logits,
+)
 
-CLASSES = ["a", "b", "c", "d", "e"]
+CLASSES = SMALL_CLASSES
 NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False here)"
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(path to .onnx, PyTorch model): a ResNet-18 (width 8) at 16 px, real BN statistics."""
-    torch.manual_seed(0)
-    model = with_bn_statistics(
-        create_model("resnet18", num_classes=len(CLASSES), stem="small", base_width=8)
-    )
-    info = meta.build(
-        arch="resnet18",
-        classes=CLASSES,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-        input_size=16,
-        resize_size=16,
-        channels=3,
-        folded_bn=0,
-        source_sha256="0" * 64,
-    )
-    path = tmp_path_factory.mktemp("torch") / "m.onnx"
-    export_onnx(model, path, input_size=(3, 16, 16), metadata=info)
+    path, model = export_small_model(tmp_path_factory.mktemp("torch"))
     return path, model
-
-
-def _batch(n, seed=1):
-    return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
-
-
-def _reference(model, x):
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
 
 
 @pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
 def test_fp32_matches_pytorch(exported, n, suffix):
     path, model = exported
-    x = _batch(n)
-    want = _reference(model, x)
+    x = random_batch(n)
+    want = torch_logits(model, x)
     with TorchProgram(path.with_suffix(suffix)) as backend:
         assert backend.spec.channels == 3 and (backend.spec.height, backend.spec.width) == (16, 16)
         got = backend.run(x)
@@ -68,8 +46,8 @@ def test_fp32_matches_pytorch(exported, n, suffix):
 
 def test_channels_last_matches_pytorch(exported):
     path, model = exported
-    x = _batch(5, seed=2)
-    want = _reference(model, x)
+    x = random_batch(5, seed=2)
+    want = torch_logits(model, x)
     with TorchProgram(path, channels_last=True) as backend:
         got = backend.run(x)
         assert backend.describe()["channels_last"] is True
@@ -79,8 +57,8 @@ def test_channels_last_matches_pytorch(exported):
 @pytest.mark.parametrize("n", [1, 5])
 def test_bf16_agrees_on_top1_and_returns_float32(exported, n):
     path, model = exported
-    x = _batch(n, seed=3)
-    want = _reference(model, x)
+    x = random_batch(n, seed=3)
+    want = torch_logits(model, x)
     with TorchProgram(path, dtype="bf16") as backend:
         got = backend.run(x)
         assert backend.precision == "bf16" and backend.describe()["dtype"] == "bf16"
@@ -93,8 +71,8 @@ def test_bf16_agrees_on_top1_and_returns_float32(exported, n):
 @pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compile_matches_pytorch(exported):
     path, model = exported
-    x = _batch(2, seed=4)
-    want = _reference(model, x)
+    x = random_batch(2, seed=4)
+    want = torch_logits(model, x)
     with TorchProgram(path, compile=True) as backend:
         got = backend.run(x)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
@@ -154,8 +132,8 @@ def test_cuda_without_a_gpu_is_unavailable(exported):
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("fp16", 2e-2), ("bf16", 5e-2)])
 def test_cuda_matches_pytorch(exported, dtype, tol):
     path, model = exported
-    x = _batch(5, seed=5)
-    want = _reference(model, x)
+    x = random_batch(5, seed=5)
+    want = torch_logits(model, x)
     with TorchProgram(path, device="cuda", dtype=dtype, channels_last=True) as backend:
         got = backend.run(x)
         assert backend.describe()["device"] == "cuda" and backend.precision == dtype
@@ -170,8 +148,8 @@ def test_cuda_graphs_replay_per_batch_shape(exported):
     path, model = exported
     with TorchProgram(path, device="cuda", cuda_graphs=True) as backend:
         for n, seed in [(1, 6), (5, 7), (1, 8)]:  # the third run replays the first graph
-            x = _batch(n, seed=seed)
-            want = _reference(model, x)
+            x = random_batch(n, seed=seed)
+            want = torch_logits(model, x)
             got = backend.run(x)
             assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
         assert len(backend._graphs) == 2
@@ -185,6 +163,6 @@ def test_spec_comes_from_the_onnx_when_the_program_has_no_metadata(tmp_path):
     with TorchProgram(tmp_path / "bare.onnx") as backend:
         assert (backend.spec.channels, backend.spec.height) == (3, 8)
         got = backend.run(x)
-    assert np.abs(got - _reference(model, x)).max() <= 1e-5 * np.abs(_reference(model, x)).max()
+    assert np.abs(got - torch_logits(model, x)).max() <= 1e-5 * np.abs(torch_logits(model, x)).max()
     with pytest.raises(UserError, match="no convforge metadata"):
         TorchProgram(tmp_path / "bare.pt2").load()
