@@ -93,26 +93,6 @@ def test_int8_model_reports_int8(exported, tmp_path):
     assert np.abs(got - want).max() <= 0.2 * np.abs(want).max()
 
 
-def test_static_shapes_compile_per_batch_size_and_agree_with_dynamic(exported, monkeypatch):
-    """Static (default) compiles one model per batch size; results equal the dynamic model's."""
-    import convforge.runtime.backends.openvino as backend_module
-
-    monkeypatch.setattr(backend_module, "MAX_STATIC_SHAPES", 2)
-    path, model = exported
-    x = random_batch(7, seed=6)
-    with OpenVino(path, shapes="dynamic", precision="f32") as dynamic:
-        want = dynamic.run(x)
-        assert dynamic.describe()["shapes"] == "dynamic"
-    with OpenVino(path, precision="f32") as static:
-        assert static.describe()["shapes"] == "static"
-        assert list(static._requests) == [1]  # batch 1 is compiled by load()
-        for n in (1, 3, 7, 3):
-            np.testing.assert_allclose(static.run(x[:n]), want[:n], rtol=1e-5, atol=1e-6)
-        # at most MAX_STATIC_SHAPES kept, the least recently used (batch 1) dropped first
-        assert list(static._requests) == [7, 3]
-    assert np.abs(want - torch_logits(model, x)).max() <= 1e-4 * np.abs(want).max()
-
-
 def test_wrong_input_is_a_user_error_before_the_backend(exported, monkeypatch):
     path, _ = exported
     with OpenVino(path) as backend:
@@ -131,8 +111,6 @@ def test_bad_options_are_user_errors(exported):
         OpenVino(path, hint="FAST")
     with pytest.raises(UserError, match="f32, bf16"):
         OpenVino(path, precision="fp16")
-    with pytest.raises(UserError, match="static, dynamic"):
-        OpenVino(path, shapes="fixed")
     with pytest.raises(UserError, match="unknown option"):
         OpenVino(path, device="GPU")
 
