@@ -115,9 +115,9 @@ DEFAULT_EPOCHS = 3
 RECIPES = {"resnet50": {"lr": 0.02, "zero_init_residual": True, "epochs": 6}}
 
 
-def train_config(arch: str, epochs: int) -> TrainConfig:
+def train_config(arch: str, epochs: int, lr: float | None) -> TrainConfig:
     return TrainConfig(
-        lr=RECIPES.get(arch, {}).get("lr"),
+        lr=lr,
         dataset="digits",
         input_size=SIZE,
         val_fraction=VAL_FRACTION,
@@ -135,11 +135,11 @@ def trained(arch: str, epochs: int | None) -> Path:
 
     ``epochs`` None: the recipe's. Training anew clears the cached exports.
     """
-    epochs = epochs or RECIPES.get(arch, {}).get("epochs", DEFAULT_EPOCHS)
-    cfg = train_config(arch, epochs)
+    recipe = RECIPES.get(arch, {})
+    epochs = epochs or recipe.get("epochs", DEFAULT_EPOCHS)
+    cfg = train_config(arch, epochs, recipe.get("lr"))
     out = Path(cfg.out)
     stamp = out / "bench.json"
-    recipe = RECIPES.get(arch, {})
     want = {**recipe, "arch": arch, "epochs": epochs, "size": SIZE, "val_fraction": VAL_FRACTION}
     cached = json.loads(stamp.read_text()) if stamp.exists() else None
     if cached == {**want, "done": True}:
@@ -149,8 +149,7 @@ def trained(arch: str, epochs: int | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(want))
     bundle = trainer.load_data(cfg, channels=3)
-    zero_init = recipe.get("zero_init_residual", False)
-    model_cfg = recipe_model(arch, SIZE, zero_init_residual=zero_init)
+    model_cfg = recipe_model(arch, SIZE, zero_init_residual=recipe.get("zero_init_residual", False))
     trainer.train(model_cfg, cfg, bundle=bundle, resume=resume)
     stamp.write_text(json.dumps({**want, "done": True}))
     return out / "best.pt"
