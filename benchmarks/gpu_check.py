@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from convforge import contract
 from convforge.builder import create_model
 from convforge.export import export_onnx
-from convforge.export import metadata as meta
 from convforge.runtime import bench
 from convforge.runtime.backends import backend_class
 
@@ -56,7 +56,7 @@ def main() -> None:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
             m.running_mean.normal_(0, 0.2)
-    info = meta.build(
+    info = contract.metadata(
         arch="resnet50",
         classes=[str(i) for i in range(1000)],
         mean=[0.485, 0.456, 0.406],
@@ -64,7 +64,6 @@ def main() -> None:
         input_size=224,
         resize_size=256,
         channels=3,
-        folded_bn=0,
         source_sha256="",
     )
     records, skipped = [], []

@@ -136,25 +136,16 @@ def _export(out: Path, steps: dict, md: list[str]) -> None:
 
 def _bench(out: Path, steps: dict, md: list[str]) -> None:
     from convforge.runtime import bench
-    from convforge.runtime.backends import BACKENDS, backend_class
 
     cfg = bench.BenchConfig(batch_sizes=(1, 8), warmup_seconds=0.5, seconds=1.0, iters=20)
-    records, skipped = [], []
-    for path in (out / "model.onnx", out / "model.int8.onnx"):
-        for name in BACKENDS:
-            ok, why = backend_class(name).available()
-            if not ok:
-                skipped.append(f"{name}: {why}")
-                continue
-            if name == "torch" and path.name != "model.onnx":
-                continue  # the .pt2 program is the fp32 model
-            records += bench.bench_backend(name, str(path), cfg)
-    steps["bench"] = {"environment": bench.environment(), "records": records}
+    models = [str(out / "model.onnx"), str(out / "model.int8.onnx")]
+    records, skipped = bench.bench_matrix(models, None, cfg)
+    steps["bench"] = {"environment": bench.environment(), "records": records, "skipped": skipped}
     md += [
         "## Benchmark of the exported model (batch 1 and 8, end to end)",
         "",
         *_code(bench.format_table(records)),
-        *(f"- not run: {s}" for s in dict.fromkeys(skipped)),
+        *(f"- not run: {s}" for s in skipped),
         "",
     ]
 

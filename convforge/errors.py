@@ -17,3 +17,11 @@ def check_choice(kind: str, value: str, choices) -> str:
     if value not in choices:
         raise UserError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
     return value
+
+
+def check_int(kind: str, value, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum`` (bools are not), else a UserError."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value < minimum:
+        need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UserError(f"{kind} must be {need}, got {value!r}")
+    return int(value)

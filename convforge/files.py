@@ -18,31 +18,45 @@ from convforge.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``path``; on clean exit rename it onto ``path``.
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary path beside ``path`` (same suffix), renamed onto ``path`` on clean exit.
 
-    Raises UserError when the folder is missing or not writable. On an
-    exception inside the block the temporary file is removed and ``path`` is
-    left as it was.
+    For files that are written, then checked, then published: write to the
+    yielded path, check it, and leave the block; the rename makes the checked
+    bytes appear at ``path`` in one step. On an exception (a failed check
+    included) the temporary file is removed and ``path`` is left as it was.
+    Raises UserError when the folder is missing or not writable.
     """
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
     except PermissionError:
         raise UserError(f"cannot write {path}: folder {folder} is not writable") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path``; on clean exit rename it onto ``path``.
+
+    The data is flushed to disk before the rename. Raises UserError when the
+    folder is missing or not writable. On an exception inside the block the
+    temporary file is removed and ``path`` is left as it was.
+    """
+    with staged(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

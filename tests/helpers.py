@@ -24,16 +24,16 @@ SMALL_INPUT = (3, 16, 16)
 def export_small_model(folder):
     """(path to .onnx, eval PyTorch model): a ResNet-18 of width 8 for 16 px RGB, real BN
     statistics, exported by convforge (.onnx and .pt2) with full metadata."""
+    from convforge import contract
     from convforge.builder import create_model
     from convforge.export import export_onnx
-    from convforge.export import metadata as meta
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=len(SMALL_CLASSES), stem="small", base_width=8)
     model = with_bn_statistics(model)
-    info = meta.build(
+    info = contract.metadata(
         arch="resnet18", classes=SMALL_CLASSES, mean=[0.5] * 3, std=[0.25] * 3,
-        input_size=16, resize_size=16, channels=3, folded_bn=0, source_sha256="0" * 64,
+        input_size=16, resize_size=16, channels=3, source_sha256="0" * 64,
     )  # fmt: skip
     path = folder / "m.onnx"
     export_onnx(model, path, input_size=SMALL_INPUT, metadata=info)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from convforge.builder.registry import ModelConfig, build_model, get_entry
 from convforge.console import format_table
-from convforge.errors import UserError
+from convforge.errors import UserError, check_int
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ def measure(config: ModelConfig, input_size: int) -> Complexity:
     The model is built on the meta device, so even VGG-19 costs no memory and
     about a second. Raises UserError if the input is too small for the model.
     """
-    if input_size < 1:
-        raise UserError(f"input size must be a positive number of pixels, got {input_size}")
+    check_int("input size (px)", input_size)
     with torch.device("meta"):
         model = build_model(config).eval()
         x = torch.empty(1, config.in_channels, input_size, input_size)

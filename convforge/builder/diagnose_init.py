@@ -19,7 +19,7 @@ from torch import nn
 from convforge.builder.layers import ACTIVATION_TYPES
 from convforge.builder.registry import ModelConfig, build_model
 from convforge.console import format_table
-from convforge.errors import UserError
+from convforge.errors import UserError, check_int
 from convforge.plots import pyplot, save_png
 
 
@@ -85,10 +85,8 @@ def run_init_experiment(
     seed: int = 0,
 ) -> list[InitRun]:
     """Measure ``config``'s model once per init rule in ``inits``, same inputs for all."""
-    if batch_size < 2:
-        raise UserError(f"batch size must be at least 2 (batch statistics), got {batch_size}")
-    if input_size < 1:
-        raise UserError(f"input size must be a positive number of pixels, got {input_size}")
+    check_int("batch size (batch statistics)", batch_size, minimum=2)
+    check_int("input size (px)", input_size)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, config.in_channels, input_size, input_size, generator=gen)
     runs = []

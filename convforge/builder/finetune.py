@@ -17,16 +17,19 @@ from convforge.builder.data import augment
 from convforge.builder.registry import build_model
 from convforge.builder.training.config import TrainConfig
 from convforge.builder.training.trainer import TrainResult, data_config, load_data, train
+from convforge.settings import setting
 
 
 @dataclasses.dataclass
 class FinetuneOptions:
-    pretrained: str  # convforge checkpoint or torchvision state_dict file
-    arch: str | None = None  # architecture of a bare state_dict (e.g. resnet18)
-    strategy: str = "auto"  # auto, feature-extract or finetune
-    freeze_until: str | None = None  # finetune: last frozen stage (e.g. layer2); None = none
-    backbone_lr_mult: float = 0.1  # LR multiplier of trainable backbone stages
-    unfreeze_at: int = 0  # 1-based epoch from which frozen stages train too; 0 = never
+    pretrained: str = setting(help="convforge .pt checkpoint or torchvision state_dict .pth file")
+    arch: str | None = setting(
+        None, "architecture of a bare state_dict file (e.g. resnet18)", flag="--model"
+    )
+    strategy: str = setting("auto", f"{', '.join(transfer.STRATEGIES)}")
+    freeze_until: str | None = setting(None, "finetune: last frozen stage, e.g. stem, layer2")
+    backbone_lr_mult: float = setting(0.1, "LR multiplier of the trainable backbone stages")
+    unfreeze_at: int = setting(0, "1-based epoch from which frozen stages train too (0 = never)")
 
 
 def finetune(opts: FinetuneOptions, cfg: TrainConfig, log=print) -> TrainResult:

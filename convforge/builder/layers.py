@@ -17,7 +17,7 @@ from functools import partial
 
 from torch import nn
 
-from convforge.errors import UserError, check_choice
+from convforge.errors import UserError, check_choice, check_int
 
 ActLayer = Callable[[], nn.Module]
 NormLayer = Callable[[int], nn.Module]
@@ -67,8 +67,7 @@ def norm_layer(name: str, num_groups: int = 32) -> NormLayer:
     * ``none``: identity.
     """
     check_choice("norm", name, NORMS)
-    if num_groups < 1:
-        raise UserError(f"num_groups must be a positive integer, got {num_groups}")
+    check_int("num_groups", num_groups)
     if name == "batch":
         return nn.BatchNorm2d
     if name == "layer":

@@ -13,13 +13,14 @@ import dataclasses
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
 from convforge.builder.initialization import INITS, default_init, init_weights
 from convforge.builder.layers import ACTIVATIONS, NORMS, activation_layer, norm_layer
-from convforge.errors import UserError, check_choice
+from convforge.errors import UserError, check_choice, check_int
+from convforge.settings import setting
 
 STEMS = ("imagenet", "small")
 
@@ -81,25 +82,29 @@ def get_entry(name: str) -> ModelEntry:
 class ModelConfig:
     """Every choice that shapes a model. ``None`` fields take the model's defaults."""
 
-    arch: str  # registry name, e.g. "resnet18" (see `convforge models`)
-    num_classes: int = 1000  # outputs of the last layer
-    in_channels: int = 3  # 1 for grayscale images
-    stem: str = "imagenet"  # "imagenet" for ~224 px inputs, "small" for 8-64 px
-    activation: str = "relu"  # one of ACTIVATIONS, used in every layer
-    leaky_slope: float = 0.01  # Leaky ReLU's slope for x < 0
-    norm: str | None = None  # one of NORMS after each conv; None: batch ("none" for plain VGG)
-    num_groups: int = 32  # channel groups for norm="group"; must divide every width
-    init: str | None = None  # one of INITS; None: xavier for tanh/sigmoid, else kaiming
-    zero_init_residual: bool = False  # residual blocks start as identity (last norm scale 0)
-    options: dict = field(default_factory=dict)  # architecture options, e.g. {"depth": 10}
+    arch: str = setting(help="architecture name (see `convforge models`)", flag="--model")
+    num_classes: int = setting(1000, "outputs of the last layer")
+    in_channels: int = setting(3, "input channels (1 = grayscale)")
+    stem: str = setting("imagenet", "imagenet for ~224 px inputs, small for 8-64 px")
+    activation: str = setting("relu", f"used in every layer: {', '.join(ACTIVATIONS)}")
+    leaky_slope: float = setting(0.01, "Leaky ReLU's slope for x < 0")
+    norm: str | None = setting(
+        None, f"after each conv: {', '.join(NORMS)}; default: batch (none for plain VGG)"
+    )
+    num_groups: int = setting(32, "channel groups for --norm group; must divide every width")
+    init: str | None = setting(
+        None, f"weight init: {', '.join(INITS)}; default: xavier for tanh/sigmoid, else kaiming"
+    )
+    zero_init_residual: bool = setting(False, "residual blocks start as identity (last BN scale 0)")
+    options: dict = setting(
+        factory=dict, help='architecture options, e.g. {"depth": 10}', cli=False
+    )
 
     def resolved(self) -> ModelConfig:
         """A copy with defaults filled in and every field checked (UserError if bad)."""
         entry = get_entry(self.arch)
         for name in ("num_classes", "in_channels", "num_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name))
         check_choice("stem", self.stem, STEMS)
         check_choice("activation", self.activation, ACTIVATIONS)
         norm = entry.default_norm if self.norm is None else self.norm

@@ -21,19 +21,28 @@ import onnx
 import torch
 from torch import nn
 
-from convforge.errors import UserError, check_choice
-from convforge.export import metadata as meta
+from convforge import contract
+from convforge.errors import UserError, check_choice, check_int
 from convforge.export.fold import FoldReport, fold_batchnorm
 from convforge.export.onnx_export import (
     DEFAULT_OPSET,
-    op_histogram,
-    save_onnx,
+    MAX_OPSET,
+    MIN_OPSET,
     save_program,
+    serialize,
     to_onnx,
     trace,
 )
-from convforge.export.validate import ValidationReport, reference_logits, validate
-from convforge.files import write_text
+from convforge.export.precision import CALIBRATION_METHODS, INT8_TARGETS
+from convforge.export.validate import (
+    ValidationReport,
+    check_metadata,
+    reference_logits,
+    validate,
+)
+from convforge.files import staged, write_text
+from convforge.runtime.onnx_info import op_histogram
+from convforge.settings import setting
 
 RANDOM_SAMPLES = 32  # validation batch when no real images are at hand
 
@@ -120,18 +129,12 @@ def export_onnx(
     bn_nodes = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
     if fold_report.kept == 0 and bn_nodes:
         raise AssertionError(f"every BatchNorm was folded, yet the ONNX has {bn_nodes}")
-    info = dict(metadata or {})
-    info[meta.PREFIX + "folded_bn"] = str(fold_report.folded)
-    meta.write(model, info)
+    info = {**(metadata or {}), **contract.encode({"folded_bn": fold_report.folded})}
+    contract.write_props(model, info)
     t = time.perf_counter()
     reference = reference_logits(module, samples)
-    report = validate(model, reference, samples, "fp32", labels, source)
+    report = write_validated(model, path, reference, samples, "fp32", labels, source)
     seconds["validate"] = time.perf_counter() - t
-    if not report.passed:
-        raise ValidationFailed(
-            f"ONNX export failed validation, nothing written: {report.criterion}"
-        )
-    save_onnx(model, path)
     program_path = path.with_suffix(".pt2")
     save_program(program, program_path, info)
     return ExportReport(
@@ -149,15 +152,19 @@ def export_onnx(
 
 @dataclass
 class ExportOptions:
-    opset: int = DEFAULT_OPSET  # ONNX opset (18-20)
-    fp16: bool = False  # also write <name>.fp16.onnx (fp16 weights/compute, fp32 I/O)
-    int8: bool = False  # also write <name>.int8.onnx (QDQ, static calibration)
-    int8_target: str = "cpu"  # cpu (U8S8, fast with VNNI) or tensorrt (symmetric S8S8)
-    calib_samples: int = 256  # training images to calibrate int8 activations on
-    calib_method: str = "minmax"  # minmax, entropy or percentile
-    val_samples: int = 512  # at most this many validation images check each export
-    triton_repo: str | None = None  # write a Triton model repository here
-    triton_max_batch_size: int = 32
+    opset: int = setting(DEFAULT_OPSET, f"ONNX opset, {MIN_OPSET}-{MAX_OPSET}")
+    fp16: bool = setting(False, "also write <name>.fp16.onnx (fp16 weights and compute, fp32 I/O)")
+    int8: bool = setting(
+        False, "also write <name>.int8.onnx (QDQ, per-channel, static calibration)"
+    )
+    int8_target: str = setting(
+        "cpu", "cpu (uint8 activations: ONNX Runtime, OpenVINO) or tensorrt (symmetric int8)"
+    )
+    calib_samples: int = setting(256, "training images to calibrate int8 activations on")
+    calib_method: str = setting("minmax", f"int8 calibration: {', '.join(CALIBRATION_METHODS)}")
+    val_samples: int = setting(512, "validation images that check each export, at most")
+    triton_repo: str | None = setting(None, "also write a Triton model repository here")
+    triton_max_batch_size: int = setting(32, "the Triton model's max_batch_size")
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions) -> ExportReport:
@@ -166,11 +173,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     from convforge.builder.checkpoint import load_checkpoint
     from convforge.export import precision
 
+    check_int("--val-samples", opts.val_samples)
     if opts.int8:
-        check_choice("int8 target", opts.int8_target, precision.INT8_TARGETS)
-        check_choice("calibration method", opts.calib_method, precision.CALIBRATION_METHODS)
-        if opts.calib_samples < 1:
-            raise UserError(f"--calib-samples must be positive, got {opts.calib_samples}")
+        check_choice("int8 target", opts.int8_target, INT8_TARGETS)
+        check_choice("calibration method", opts.calib_method, CALIBRATION_METHODS)
+        check_int("--calib-samples", opts.calib_samples)
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"output path must end in .onnx, got {out}")
@@ -187,7 +194,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         ) from None
     data = ck["data_config"]
     input_size = (data["channels"], data["input_size"], data["input_size"])
-    info = meta.build(
+    info = contract.metadata(
         arch=cfg.arch,
         classes=data["classes"],
         mean=data["mean"],
@@ -195,8 +202,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         input_size=data["input_size"],
         resize_size=data.get("resize_size", data["input_size"]),
         channels=data["channels"],
-        folded_bn=0,
-        source_sha256=meta.sha256_of(checkpoint),
+        source_sha256=contract.sha256_of(checkpoint),
     )
     samples, labels, calib = _images(ck, opts)
     report = export_onnx(
@@ -239,15 +245,39 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
 
 
 def _variant(report, name, model, out, reference, samples, labels, optimized=True) -> None:
-    source = report.validation.source
-    result = validate(model, reference, samples, name, labels, source, optimized)
     path = out.with_suffix(f".{name}.onnx")
-    if not result.passed:
-        raise ValidationFailed(
-            f"{name} export failed validation, {path.name} not written: {result.criterion}"
-        )
-    save_onnx(model, path)
+    source = report.validation.source
+    result = write_validated(model, path, reference, samples, name, labels, source, optimized)
     report.variants[name] = {"path": str(path), "report": result}
+
+
+def write_validated(
+    model: onnx.ModelProto,
+    path: Path,
+    reference: np.ndarray,
+    samples: np.ndarray,
+    precision: str,
+    labels: np.ndarray | None,
+    source: str,
+    accuracy_optimized: bool = True,
+) -> ValidationReport:
+    """Write ``model`` to ``path`` only if the written file passes validation.
+
+    The bytes go to a temporary file beside ``path``, which is read back
+    through the file contract and run by the runtime's ``ort-cpu`` backend
+    (:mod:`convforge.export.validate`); only then is it renamed onto ``path``.
+    Raises :class:`ValidationFailed` (``path`` untouched) otherwise.
+    """
+    expected = contract.read_props(model)
+    with staged(path) as tmp:
+        tmp.write_bytes(serialize(model))
+        check_metadata(tmp, expected)
+        report = validate(tmp, reference, samples, precision, labels, source, accuracy_optimized)
+        if not report.passed:
+            raise ValidationFailed(
+                f"{precision} export failed validation, {path.name} not written: {report.criterion}"
+            )
+    return report
 
 
 def _images(ck: dict, opts: ExportOptions):

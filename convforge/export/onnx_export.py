@@ -14,7 +14,6 @@ opsets 9-20) and 11.x.
 
 from __future__ import annotations
 
-import collections
 import io
 import json
 import os
@@ -24,21 +23,20 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from convforge.contract import BATCH_DIM, INPUT_NAME, OUTPUT_NAME, PT2_METADATA
 from convforge.errors import UserError
 from convforge.files import atomic_write
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 20  # the dynamo exporter starts at 18; TensorRT 10.3 parses up to 20
-BATCH = "batch"  # name of the dynamic batch dimension in the ONNX graph
 MAX_BATCH = 4096  # upper bound torch.export may assume for the batch dimension
-PT2_METADATA = "convforge.json"  # extra file in the .pt2 archive holding the metadata
 
 
 def trace(module: nn.Module, input_size: tuple[int, int, int]) -> torch.export.ExportedProgram:
     """``torch.export`` of ``module`` (eval mode) for [N, C, H, W] inputs, N dynamic."""
     c, h, w = input_size
     example = torch.randn(2, c, h, w)
-    batch = Dim(BATCH, min=1, max=MAX_BATCH)
+    batch = Dim(BATCH_DIM, min=1, max=MAX_BATCH)
     try:
         return torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch.export raises many types; all mean "cannot trace"
@@ -48,7 +46,7 @@ def trace(module: nn.Module, input_size: tuple[int, int, int]) -> torch.export.E
 
 
 def to_onnx(program: torch.export.ExportedProgram, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """The ONNX model of ``program``: input ``input``, output ``logits``, batch dim ``batch``.
+    """The ONNX model of ``program`` with the contract's input, output and batch-dim names.
 
     Checked with ``onnx.checker`` (full check) and strict shape inference.
     """
@@ -56,8 +54,8 @@ def to_onnx(program: torch.export.ExportedProgram, opset: int = DEFAULT_OPSET) -
         raise UserError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
     onnx_program = torch.onnx.export(
         program,
-        input_names=["input"],
-        output_names=["logits"],
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
         opset_version=opset,
         dynamo=True,
         external_data=False,
@@ -65,24 +63,18 @@ def to_onnx(program: torch.export.ExportedProgram, opset: int = DEFAULT_OPSET) -
     )
     model = onnx_program.model_proto
     for value in (*model.graph.input, *model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = BATCH
+        value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
-    """Node count per op type, most frequent first."""
-    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
-
-
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write ``model`` as one file (weights inside), atomically."""
+def serialize(model: onnx.ModelProto) -> bytes:
+    """``model`` as one file's bytes (weights inside); UserError past the 2 GB protobuf limit."""
     data = model.SerializeToString()
     if len(data) >= 2**31:
         raise UserError("the model is over 2 GB, the single-file ONNX limit")
-    with atomic_write(path) as f:
-        f.write(data)
+    return data
 
 
 def save_program(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import tempfile
 import warnings
@@ -31,16 +30,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from convforge import contract
+from convforge.contract import INPUT_NAME
 from convforge.errors import UserError, check_choice
 
 INT8_TARGETS = ("cpu", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-INPUT_NAME = "input"  # the ONNX contract: images come in through this graph input
 CALIBRATION_BATCH = 32  # images per calibration run: bounded memory, few session calls
-
-_PRECISION_KEY = "convforge.precision"
-_FLOAT16_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -57,14 +53,14 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxconverter_common.float16 import convert_float_to_float16
 
     _require_fp32(model, "fp16")
-    metadata = _metadata(model)
+    metadata = contract.read_props(model)
     # The converter edits the graph it is given; work on a copy so the caller's model survives.
     with warnings.catch_warnings():
         # It warns once per weight below fp16's range ("will be truncated"); validation
         # judges the converted model as a whole, so the per-weight noise is dropped.
         warnings.filterwarnings("ignore", message=".*will be truncated.*")
         converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True)
-    _set_metadata(converted, metadata, {_PRECISION_KEY: "fp16"})
+    _set_metadata(converted, metadata, {"precision": "fp16"})
     onnx.checker.check_model(converted)
     return converted
 
@@ -124,7 +120,7 @@ def to_int8(
     check_choice("calibration method", method, CALIBRATION_METHODS)
     _require_fp32(model, "int8")
     batch, fixed = _check_calibration(model, calibration)
-    metadata = _metadata(model)
+    metadata = contract.read_props(model)
 
     calibrate_method = {
         "minmax": CalibrationMethod.MinMax,
@@ -175,9 +171,9 @@ def to_int8(
         result,
         metadata,
         {
-            _PRECISION_KEY: "int8",
-            "convforge.int8_target": target,
-            "convforge.calibration": json.dumps({"method": method, "samples": reader.used}),
+            "precision": "int8",
+            "int8_target": target,
+            "calibration": {"method": method, "samples": reader.used},
         },
     )
     onnx.checker.check_model(result)
@@ -259,33 +255,20 @@ def _check_calibration(model: onnx.ModelProto, calibration) -> tuple[int, bool]:
 
 def _require_fp32(model: onnx.ModelProto, wanted: str) -> None:
     """UserError unless ``model`` is an unconverted fp32 graph (converting twice is wrong)."""
-    declared = _metadata(model).get(_PRECISION_KEY, "fp32")
-    graph = model.graph
-    if declared != "fp32":
-        have = declared
-    elif any(t.data_type in _FLOAT16_TYPES for t in graph.initializer):
-        have = "fp16"
-    elif any(n.op_type in _QDQ_OPS for n in graph.node):
-        have = "int8"
-    else:
-        return
-    raise UserError(f"{wanted} conversion needs an fp32 model; this one is already {have}")
-
-
-def _metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
+    declared = contract.decode(contract.read_props(model)).get("precision", "fp32")
+    have = declared if declared != "fp32" else contract.graph_precision(model)
+    if have != "fp32":
+        raise UserError(f"{wanted} conversion needs an fp32 model; this one is already {have}")
 
 
 def _set_metadata(model: onnx.ModelProto, original: dict[str, str], updates: dict) -> None:
     """Make ``model``'s metadata exactly ``original`` (in order) with ``updates`` applied.
 
     Converters drop or add entries (quant_pre_process marks its output); the
-    result should carry what the source carried, plus what this module states.
+    result should carry what the source carried, plus what this module states
+    (``updates``: contract keys without the prefix).
     """
-    merged = {**original, **updates}
-    del model.metadata_props[:]
-    for key, value in merged.items():
-        model.metadata_props.add(key=key, value=value)
+    contract.write_props(model, {**original, **contract.encode(updates)}, replace_all=True)
 
 
 def _drop_unused_opsets(model: onnx.ModelProto) -> None:

@@ -1,9 +1,12 @@
-"""Validation of an exported ONNX model against the original PyTorch model.
+"""Validation of an exported ONNX file against the original PyTorch model.
 
-The ONNX runs in ONNX Runtime twice, with graph optimizations disabled (so
-ORT's own fusions cannot hide a folding bug) and fully enabled (what users
-get), at batch size 1 and 8, on real samples when the checkpoint's data is
-at hand. The reference is the original, unfolded model in eval mode.
+What is checked is the file as written, through the code users run: its
+metadata is read back with :func:`convforge.contract.read_info` and must
+say what the export meant it to say, and its logits come from the runtime's
+``ort-cpu`` backend, run twice, with graph optimizations disabled (so ORT's
+own fusions cannot hide a folding bug) and fully enabled (what users get),
+at batch size 1 and 8, on real samples when the checkpoint's data is at
+hand. The reference is the original, unfolded model in eval mode.
 
 Pass criteria per precision:
 
@@ -20,12 +23,15 @@ Pass criteria per precision:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
+
+from convforge import contract
+from convforge.runtime.backends.ort import OrtCpu
 
 FP32_REL_TOL = 1e-4
 FP16_MIN_AGREEMENT = 0.99
@@ -87,27 +93,31 @@ def reference_logits(module: nn.Module, samples: np.ndarray) -> np.ndarray:
         return torch.cat([module(b) for b in x.split(64)]).numpy()
 
 
-def ort_logits(model: onnx.ModelProto, samples: np.ndarray, batch: int, optimize: bool):
-    import onnxruntime as ort
+def ort_logits(backend: OrtCpu, samples: np.ndarray, batch: int) -> np.ndarray:
+    """Logits of ``samples`` from a loaded ``ort-cpu`` backend, ``batch`` at a time."""
+    return np.concatenate(
+        [backend.run(samples[i : i + batch]) for i in range(0, len(samples), batch)]
+    )
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    session = ort.InferenceSession(
-        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
-    outs = [
-        session.run(["logits"], {"input": samples[i : i + batch]})[0]
-        for i in range(0, len(samples), batch)
-    ]
-    return np.concatenate(outs)
+
+def check_metadata(path: str | os.PathLike, expected: dict[str, str]) -> contract.ModelInfo:
+    """Read ``path`` back through the contract; RuntimeError unless it holds ``expected``.
+
+    ``expected`` is the encoded metadata the export wrote. A mismatch is a bug
+    in the export (the file would be served with the wrong labels or
+    preprocessing), never a user mistake.
+    """
+    info = contract.read_info(path)
+    want = contract.decode(expected)
+    got = {k: info.metadata.get(k) for k in want}
+    if got != want:
+        wrong = sorted(k for k in want if got[k] != want[k])
+        raise RuntimeError(f"{path}: metadata read back differs from what was written: {wrong}")
+    return info
 
 
 def validate(
-    model: onnx.ModelProto,
+    path: str | os.PathLike,
     reference: np.ndarray,
     samples: np.ndarray,
     precision: str,
@@ -115,31 +125,32 @@ def validate(
     source: str = "dataset",
     accuracy_optimized: bool = True,
 ) -> ValidationReport:
-    """Compare ``model``'s logits on ``samples`` with ``reference`` (the PyTorch logits).
+    """Compare the logits of the ONNX file at ``path`` on ``samples`` with ``reference``.
 
-    ``accuracy_optimized``: take the accuracy from the batch-8 run with ORT
-    optimizations on (True) or off (False).
+    ``reference`` holds the PyTorch logits. ``accuracy_optimized``: take the
+    accuracy from the batch-8 run with ORT optimizations on (True) or off (False).
     """
     scale = float(np.abs(reference).max())
     ref_top1 = reference.argmax(1)
     runs = []
     onnx_full = None
-    for batch in BATCH_SIZES:
-        n = min(len(samples), BATCH1_SAMPLES) if batch == 1 else len(samples)
-        for optimize in (False, True):
-            out = ort_logits(model, samples[:n], batch, optimize)
-            if batch != 1 and optimize == accuracy_optimized:
-                onnx_full = out
-            diff = float(np.abs(out - reference[:n]).max())
-            runs.append(
-                Run(
-                    batch,
-                    "all" if optimize else "disabled",
-                    diff,
-                    diff / max(scale, 1e-12),
-                    float((out.argmax(1) == ref_top1[:n]).mean()),
+    for optimize in (False, True):
+        with OrtCpu(str(path), graph_optimization="all" if optimize else "disabled") as backend:
+            for batch in BATCH_SIZES:
+                n = min(len(samples), BATCH1_SAMPLES) if batch == 1 else len(samples)
+                out = ort_logits(backend, samples[:n], batch)
+                if batch != 1 and optimize == accuracy_optimized:
+                    onnx_full = out
+                diff = float(np.abs(out - reference[:n]).max())
+                runs.append(
+                    Run(
+                        batch,
+                        "all" if optimize else "disabled",
+                        diff,
+                        diff / max(scale, 1e-12),
+                        float((out.argmax(1) == ref_top1[:n]).mean()),
+                    )
                 )
-            )
     ref_acc = onnx_acc = None
     if labels is not None:
         ref_acc = float((ref_top1 == labels).mean())

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from convforge.contract import read_info
 from convforge.errors import UserError
 from convforge.files import atomic_write
 from convforge.runtime import backends
-from convforge.runtime.artifact import read_info
+from convforge.settings import setting
 
 UNSTABLE_CV = 0.10  # std / mean above this is flagged
 PERCENTILES = (50, 90, 95, 99)
@@ -37,12 +38,12 @@ PERCENTILES = (50, 90, 95, 99)
 
 @dataclass
 class BenchConfig:
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    warmup_iters: int = 10  # at least this many warm-up runs ...
-    warmup_seconds: float = 1.0  # ... lasting at least this long
-    iters: int = 50  # at least this many measured runs ...
-    seconds: float = 2.0  # ... lasting at least this long
-    seed: int = 0
+    batch_sizes: tuple[int, ...] = setting((1, 8, 32), "batch sizes to measure")
+    warmup_iters: int = setting(10, "warm-up runs, at least ...")
+    warmup_seconds: float = setting(1.0, "... lasting at least this many seconds")
+    iters: int = setting(50, "measured runs, at least ...")
+    seconds: float = setting(2.0, "... lasting at least this many seconds")
+    seed: int = setting(0, "seed of the random input batches")
 
 
 def latency_stats(samples_ms: list[float], batch_size: int) -> dict:
@@ -111,6 +112,49 @@ def bench_backend(name: str, path: str, cfg: BenchConfig, **options) -> list[dic
     finally:
         backend.close()
     return records
+
+
+def bench_matrix(
+    models: list[str],
+    names: list[str] | None,
+    cfg: BenchConfig,
+    options: dict[str, dict] | None = None,
+    labelled: tuple[list, list[int]] | None = None,
+) -> tuple[list[dict], list[str]]:
+    """Records for every model file x backend x batch size, and what was skipped, why.
+
+    ``names``: the backends to run; each must run every file (a failure is
+    raised). ``None``: every backend available here; one that cannot run a
+    file is skipped with the reason. ``options[name]`` go to backend ``name``
+    for the timing and the accuracy alike. ``labelled`` (raw images, labels)
+    adds each record's ``top1_accuracy``. UserError when nothing ran.
+    """
+    options = options or {}
+    skipped: list[str] = []
+    explicit = names is not None
+    if not explicit:
+        backends.check_onnxruntime_builds()
+        names = []
+        for name in backends.BACKENDS:
+            ok, why = backends.backend_class(name).available()
+            (names.append(name) if ok else skipped.append(f"{name} ({why})"))
+    records = []
+    for path in models:
+        for name in names:
+            try:
+                rs = bench_backend(name, path, cfg, **options.get(name, {}))
+                if labelled is not None:
+                    acc = accuracy(name, path, *labelled, **options.get(name, {}))
+                    rs = [{**r, "top1_accuracy": acc} for r in rs]
+            except UserError as e:
+                if explicit:
+                    raise
+                skipped.append(f"{name} on {path} ({e})")
+                continue
+            records += [{"model": str(path), **r} for r in rs]
+    if not records:
+        raise UserError("no backend could run: " + "; ".join(skipped))
+    return records, skipped
 
 
 def _shape(info) -> tuple[int, int, int]:

@@ -6,7 +6,7 @@
             print(top[0].label, top[0].probability)
 
 Preprocessing (channels, resize, crop, normalization) comes from the file's
-metadata (:mod:`.artifact`), so nothing else is needed to serve it.
+metadata (:mod:`convforge.contract`), so nothing else is needed to serve it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convforge.errors import UserError
+from convforge.contract import ModelInfo, read_info
+from convforge.errors import check_int
 from convforge.runtime import backends
-from convforge.runtime.artifact import ModelInfo, read_info
 from convforge.runtime.backends.base import Backend
 from convforge.runtime.preprocess import preprocess
 
@@ -33,11 +33,9 @@ class Model:
     """A loaded model: :meth:`predict` for images, :meth:`logits` for preprocessed batches."""
 
     def __init__(self, info: ModelInfo, backend: Backend, batch_size: int = 32) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch size must be positive, got {batch_size}")
         self.info = info
         self.backend = backend
-        self.batch_size = batch_size
+        self.batch_size = check_int("batch size", batch_size)
 
     def preprocess(self, images) -> np.ndarray:
         """float32 [N, C, H, W] for file paths, PIL images or uint8 arrays."""
@@ -56,8 +54,7 @@ class Model:
 
     def predict(self, images, topk: int = 5) -> list[list[Prediction]]:
         """For each image, its ``topk`` most probable classes, best first."""
-        if topk < 1:
-            raise UserError(f"topk must be at least 1, got {topk}")
+        check_int("topk", topk)
         logits = self.logits(self.preprocess(images)).astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)

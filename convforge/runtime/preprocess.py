@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from convforge.contract import ModelInfo
 from convforge.errors import UserError
-from convforge.runtime.artifact import ModelInfo
 
 
 def to_pil(image, channels: int) -> Image.Image:

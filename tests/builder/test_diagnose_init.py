@@ -54,7 +54,7 @@ def test_reports_render(tmp_path):
 
 
 def test_bad_batch_size_is_a_user_error():
-    with pytest.raises(UserError, match="batch size must be at least 2"):
+    with pytest.raises(UserError, match=r"batch size \(batch statistics\) must be an integer >= 2"):
         run_init_experiment(ModelConfig("plain"), ["small"], batch_size=1)
 
 

@@ -8,15 +8,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from convforge import contract
 from convforge.builder import create_model
 from convforge.builder.training.config import TrainConfig, recipe_model
 from convforge.builder.training.trainer import train
 from convforge.cli import main
+from convforge.contract import PT2_METADATA
 from convforge.errors import UserError
 from convforge.export import export_onnx
-from convforge.export import metadata as meta
 from convforge.export.exporter import ExportOptions, export_checkpoint
-from convforge.export.onnx_export import PT2_METADATA
 from tests.helpers import with_bn_statistics
 
 
@@ -76,11 +76,11 @@ def test_export_checkpoint_writes_metadata_and_report(checkpoint, tmp_path):
     report = export_checkpoint(checkpoint, out, ExportOptions(val_samples=64))
     assert report.validation.source == "dataset" and report.validation.samples == 64
     assert report.validation.reference_accuracy == report.validation.onnx_accuracy
-    info = meta.decoded(onnx.load(out))
+    info = contract.read_info(out).metadata
     assert info["classes"] == [str(i) for i in range(10)]
     assert info["channels"] == 1 and info["input_size"] == 16 and info["precision"] == "fp32"
     assert info["folded_bn"] == report.fold.folded > 0
-    assert info["source_sha256"] == meta.sha256_of(checkpoint)
+    assert info["source_sha256"] == contract.sha256_of(checkpoint)
     saved = json.loads(out.with_suffix(".export.json").read_text())
     assert saved["validation"]["passed"] and saved["batchnorm_nodes"] == 0
 
@@ -90,8 +90,37 @@ def test_failed_validation_writes_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(validate, "FP32_REL_TOL", -1.0)  # nothing can pass
     model = create_model("plain", depth=2, width=8, num_classes=3, stem="small").eval()
-    with pytest.raises(UserError, match="failed validation, nothing written"):
+    with pytest.raises(UserError, match="fp32 export failed validation, m.onnx not written"):
         export_onnx(model, tmp_path / "m.onnx", input_size=(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_validated_logits_come_from_the_runtime_backend(tmp_path, monkeypatch):
+    from convforge.runtime.backends.ort import OrtCpu
+
+    real_run = OrtCpu._run
+    monkeypatch.setattr(OrtCpu, "_run", lambda self, batch: real_run(self, batch) + 1.0)
+    model = create_model("plain", depth=2, width=8, num_classes=3, stem="small").eval()
+    with pytest.raises(UserError, match="fp32 export failed validation, m.onnx not written"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_written_metadata_is_read_back(tmp_path, monkeypatch):
+    import convforge.export.exporter as exporter
+
+    def lossy(model):  # a writer bug: the metadata never reaches the file
+        del model.metadata_props[:]
+        return model.SerializeToString()
+
+    monkeypatch.setattr(exporter, "serialize", lossy)
+    model = create_model("plain", depth=2, width=8, num_classes=3, stem="small").eval()
+    metadata = contract.metadata(
+        arch="plain", classes=["a", "b", "c"], mean=[0.5] * 3, std=[0.2] * 3,
+        input_size=8, resize_size=8, channels=3, source_sha256="0" * 64,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="metadata read back differs from what was written"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 8, 8), metadata=metadata)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -159,10 +188,10 @@ def test_precision_variants_and_triton_repo(checkpoint, tmp_path, target):
     assert fp16.passed and min(r.top1_agreement for r in fp16.runs) >= 0.99
     assert int8.passed and int8.reference_accuracy - int8.onnx_accuracy <= 0.01
     assert int8.accuracy_run == ("disabled" if target == "tensorrt" else "all")
-    info = meta.decoded(onnx.load(out.with_suffix(".int8.onnx")))
+    info = contract.read_info(out.with_suffix(".int8.onnx")).metadata
     assert info["precision"] == "int8" and info["int8_target"] == target
     assert info["classes"] == [str(i) for i in range(10)]
-    assert meta.decoded(onnx.load(out.with_suffix(".fp16.onnx")))["precision"] == "fp16"
+    assert contract.read_info(out.with_suffix(".fp16.onnx")).precision == "fp16"
     model_dir = tmp_path / "repo" / "m"
     assert (model_dir / "config.pbtxt").exists() and (model_dir / "1" / "model.onnx").exists()
     assert (model_dir / "labels.txt").read_text().split() == [str(i) for i in range(10)]

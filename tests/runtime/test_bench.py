@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 
+from convforge import contract
 from convforge.builder import create_model
 from convforge.cli import main
+from convforge.errors import UserError
 from convforge.export import export_onnx
-from convforge.export import metadata as meta
 from convforge.runtime import bench
 
 KEYS = {
@@ -52,7 +53,7 @@ def test_compare_flags_only_slowdowns_beyond_the_threshold():
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("b") / "m.onnx"
-    info = meta.build(
+    info = contract.metadata(
         arch="plain",
         classes=["a", "b", "c"],
         mean=[0.5] * 3,
@@ -60,7 +61,6 @@ def onnx_file(tmp_path_factory):
         input_size=16,
         resize_size=16,
         channels=3,
-        folded_bn=0,
         source_sha256="0" * 64,
     )
     model = create_model("plain", depth=2, width=8, num_classes=3, stem="small").eval()
@@ -113,7 +113,7 @@ def test_bench_cli_writes_json_csv_and_plot(onnx_file, tmp_path, capsys):
     "extra, message",
     [
         (["--backends", "ort-gpu"], "unknown backend 'ort-gpu'"),
-        (["--batch-sizes", "1,x"], "--batch-sizes takes comma-separated positive integers"),
+        (["--batch-sizes", "1,x"], "--batch-sizes: takes comma-separated positive integers"),
         (["--backends", "tensorrt"], "backend 'tensorrt' is not available"),
     ],
 )
@@ -124,3 +124,34 @@ def test_bench_errors(onnx_file, extra, message, capsys):
         pytest.skip("TensorRT is available here")
     assert main(["bench", str(onnx_file), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_matrix_times_and_scores_with_the_same_backend_options(onnx_file, monkeypatch):
+    from convforge.runtime import backends
+
+    created = []
+    real_create = backends.create
+
+    def spy(name, path, **options):
+        created.append((name, options))
+        return real_create(name, path, **options)
+
+    monkeypatch.setattr(backends, "create", spy)
+    images = list(np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    cfg = bench.BenchConfig(batch_sizes=(2,), warmup_iters=1, warmup_seconds=0, iters=2, seconds=0)
+    options = {"ort-cpu": {"threads": 1, "graph_optimization": "basic"}}
+    records, skipped = bench.bench_matrix(
+        [str(onnx_file)], ["ort-cpu"], cfg, options, labelled=(images, [0, 1, 2, 0, 1, 2])
+    )
+    assert created == [("ort-cpu", options["ort-cpu"])] * 2  # timing, then accuracy
+    assert skipped == [] and 0.0 <= records[0]["top1_accuracy"] <= 1.0
+    assert records[0]["threads"] == 1 and records[0]["graph_optimization"] == "basic"
+
+
+def test_the_matrix_skips_what_cannot_run_only_when_backends_are_not_named(tmp_path):
+    cfg = bench.BenchConfig(batch_sizes=(1,), warmup_iters=1, warmup_seconds=0, iters=2, seconds=0)
+    missing = str(tmp_path / "nope.onnx")
+    with pytest.raises(UserError, match="does not exist"):
+        bench.bench_matrix([missing], ["ort-cpu"], cfg)
+    with pytest.raises(UserError, match=r"no backend could run: .*ort-cpu on .*nope.onnx"):
+        bench.bench_matrix([missing], None, cfg)

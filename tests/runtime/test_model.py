@@ -72,7 +72,7 @@ def test_wrong_input_is_caught_before_the_backend(digits_model):
             model.logits(np.zeros((2, 3, 16, 16), np.float32))
         with pytest.raises(UserError, match="must be float32"):
             model.logits(np.zeros((2, 1, 16, 16), np.float64))
-        with pytest.raises(UserError, match="topk must be at least 1"):
+        with pytest.raises(UserError, match="topk must be a positive integer"):
             model.predict([np.zeros((8, 8), np.uint8)], topk=0)
 
 

@@ -6,9 +6,8 @@ import torch
 from PIL import Image
 
 from convforge.builder.data import augment
+from convforge.contract import InputSpec, ModelInfo
 from convforge.errors import UserError
-from convforge.runtime.artifact import ModelInfo
-from convforge.runtime.backends.base import InputSpec
 from convforge.runtime.preprocess import preprocess
 
 

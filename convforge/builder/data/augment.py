@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from convforge.errors import UserError, check_choice
+from convforge.errors import UserError, check_choice, check_int
+from convforge.settings import setting
 
 PRESETS = ("none", "light", "standard", "strong")
 AUTO_POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")
@@ -119,17 +120,27 @@ def preset_values(preset: str) -> dict:
 class AugmentConfig:
     """Every augmentation choice. ``None`` fields take the preset's value in :meth:`resolved`."""
 
-    preset: str = "standard"  # one of PRESETS; fills every None field below
-    flip: bool | None = None  # horizontal flip, p = 0.5; presets skip it for non-flip-safe data
-    crop: bool | None = None  # small: zero-pad + RandomCrop; large: RandomResizedCrop
-    crop_padding: int | None = None  # px of padding for the small-image crop; None: input_size // 8
-    scale_min: float | None = None  # RandomResizedCrop's lowest area fraction, in (0, 1]
-    rotation: float | None = None  # max degrees of RandomRotation either way, 0..180 (0 = off)
-    color_jitter: float | None = None  # brightness/contrast(/saturation) strength, 0..1 (0 = off)
-    auto: str | None = None  # one of AUTO_POLICIES
-    erasing: float | None = None  # RandomErasing probability, 0..1 (0 = off)
-    mixup: float | None = None  # Mixup's Beta(alpha, alpha) alpha, >= 0 (0 = off)
-    cutmix: float | None = None  # CutMix's Beta(alpha, alpha) alpha, >= 0 (0 = off)
+    preset: str = setting(
+        "standard",
+        f"preset filling every unset option below: {', '.join(PRESETS)}",
+        flag="--augment",
+    )
+    flip: bool | None = setting(
+        None, "horizontal flip, p = 0.5 (presets skip it for digits/MNIST, which flips change)"
+    )
+    crop: bool | None = setting(
+        None, "small images: zero-pad + RandomCrop; large: RandomResizedCrop"
+    )
+    crop_padding: int | None = setting(None, "px of padding for the small-image crop; default: 1/8")
+    scale_min: float | None = setting(None, "RandomResizedCrop's lowest area fraction, in (0, 1]")
+    rotation: float | None = setting(None, "max degrees of rotation either way, 0..180 (0 = off)")
+    color_jitter: float | None = setting(
+        None, "brightness/contrast(/saturation) strength, 0..1 (0 = off)"
+    )
+    auto: str | None = setting(None, f"policy: {', '.join(AUTO_POLICIES)}", flag="--auto-augment")
+    erasing: float | None = setting(None, "random erasing (cutout) probability, 0..1 (0 = off)")
+    mixup: float | None = setting(None, "Mixup's Beta(alpha, alpha) alpha, >= 0 (0 = off)")
+    cutmix: float | None = setting(None, "CutMix's Beta(alpha, alpha) alpha, >= 0 (0 = off)")
 
     def resolved(self, flip_safe: bool = True) -> AugmentConfig:
         """A copy with the preset's value in every ``None`` field, every field checked.
@@ -206,8 +217,7 @@ def eval_resize_size(input_size: int, native_size: int | None) -> int:
 
 
 def _check_size(input_size: int, mean: list[float], std: list[float]) -> int:
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
-        raise UserError(f"input size must be a positive number of pixels, got {input_size!r}")
+    check_int("input size (px)", input_size)
     if len(mean) not in (1, 3) or len(std) != len(mean):
         raise ValueError(f"mean and std need 1 or 3 values each, got {len(mean)} and {len(std)}")
     return len(mean)

@@ -6,11 +6,12 @@ record the resolved values, so a run can be repeated or resumed exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from convforge.builder.data.augment import AugmentConfig
 from convforge.builder.registry import ModelConfig, get_entry
-from convforge.errors import UserError, check_choice
+from convforge.errors import UserError, check_choice, check_int
+from convforge.settings import setting
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "onecycle")
@@ -21,36 +22,48 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class TrainConfig:
     # Data
-    dataset: str = "digits"  # --dataset spec (see convforge.builder.data.sources)
-    input_size: int = 32  # square side in px the model sees (digits' 8 px are upsampled)
-    val_fraction: float = 0.1  # held out, stratified, when the data has no validation part
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    dataset: str = setting(
+        "digits",
+        "digits, synthetic[:classes=N,size=PX,...], imagefolder:DIR, cifar10:DIR, "
+        "cifar100:DIR, mnist:DIR or fashion-mnist:DIR (local files only)",
+    )
+    input_size: int = setting(32, "square side in px the model sees (digits' 8 px are upsampled)")
+    val_fraction: float = setting(0.1, "held out, stratified, when the data has no validation part")
+    augment: AugmentConfig = setting(factory=AugmentConfig, cli=False)  # its own options
     # Optimization
-    epochs: int = 15  # full passes over the training split
-    batch_size: int = 64  # images per step per process (global batch = this x processes)
-    optimizer: str = "sgd"  # sgd (momentum) or adamw
-    lr: float | None = None  # peak learning rate; None: 0.4 x batch/256 for sgd, 1e-3 for adamw
-    momentum: float = 0.9  # SGD momentum
-    nesterov: bool = True  # Nesterov momentum for SGD
-    weight_decay: float | None = None  # L2 on conv/linear weights only; None: 5e-4 sgd, 0.05 adamw
-    schedule: str = "cosine"  # per-step LR schedule: cosine, step or onecycle
-    warmup_epochs: float = 1.0  # linear warmup from 0.1 x lr (cosine and step schedules)
-    step_epochs: int = 30  # step schedule: multiply the LR by step_gamma every this many epochs
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.1  # target = (1 - eps) one-hot + eps uniform
-    clip_grad_norm: float = 0.0  # max global gradient L2 norm; 0 = no clipping
+    epochs: int = setting(15, "full passes over the training split")
+    batch_size: int = setting(64, "images per step per process (global batch: x processes)")
+    optimizer: str = setting("sgd", f"{' or '.join(OPTIMIZERS)} (SGD: momentum, Nesterov)")
+    lr: float | None = setting(
+        None, "peak learning rate; default: 0.4 x batch/256 for sgd, 1e-3 for adamw"
+    )
+    momentum: float = setting(0.9, "SGD momentum")
+    nesterov: bool = setting(True, "Nesterov momentum for SGD")
+    weight_decay: float | None = setting(
+        None, "L2 on conv/linear weights only; default: 5e-4 sgd, 0.05 adamw"
+    )
+    schedule: str = setting("cosine", f"per-step LR schedule: {', '.join(SCHEDULES)}")
+    warmup_epochs: float = setting(1.0, "linear warmup from 0.1 x lr (cosine and step schedules)")
+    step_epochs: int = setting(30, "step schedule: multiply the LR by --step-gamma this often")
+    step_gamma: float = setting(0.1, "step schedule: LR factor")
+    label_smoothing: float = setting(0.1, "target = (1 - eps) one-hot + eps uniform")
+    clip_grad_norm: float = setting(0.0, "max global gradient L2 norm; 0 = no clipping")
     # Numerics and speed
-    amp: str = "off"  # mixed precision: off, bf16 (CPU or CUDA), fp16 (CUDA, with GradScaler), auto
-    channels_last: bool = False  # NHWC memory format (faster convs on many CPUs/GPUs)
-    ema_decay: float = 0.0  # exponential moving average of weights, evaluated apart; 0 = off
-    device: str = "auto"  # auto (CUDA when present), cpu or cuda
-    workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    amp: str = setting("off", "mixed precision: off, bf16 (CPU or CUDA), fp16 (CUDA), auto")
+    channels_last: bool = setting(False, "NHWC memory format (faster convs on many CPUs/GPUs)")
+    ema_decay: float = setting(0.0, "EMA of the weights, evaluated apart (e.g. 0.999; 0 = off)")
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda")
+    workers: int = setting(0, "DataLoader worker processes (0 = load in the training process)")
     # Reproducibility and monitoring
-    seed: int = 0  # seeds the split, init, shuffling and augmentation
-    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
-    patience: int = 0  # stop after this many epochs without a better val accuracy; 0 = never
-    overfit_window: int = 3  # warn after this many epochs of rising val loss and falling train loss
-    out: str = "runs/train"  # run folder: best.pt, last.pt, metrics.csv, curves.png, config.json
+    seed: int = setting(0, "seeds the split, init, shuffling and augmentation")
+    deterministic: bool = setting(False, "deterministic kernels only (slower on GPU)")
+    patience: int = setting(
+        0, "stop after this many epochs without a better val accuracy; 0: never"
+    )
+    overfit_window: int = setting(
+        3, "warn after this many epochs of rising val loss and falling train loss"
+    )
+    out: str = setting("runs/train", "run folder: best.pt, last.pt, metrics.csv, curves.png")
 
     def resolved(self) -> TrainConfig:
         """Defaults filled in (lr, weight decay) and every field checked (UserError if bad)."""
@@ -59,11 +72,9 @@ class TrainConfig:
         check_choice("amp mode", self.amp, AMP_MODES)
         check_choice("device", self.device, DEVICES)
         for name in ("epochs", "batch_size", "input_size", "step_epochs"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("workers", "patience", "overfit_window", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"{name} must be a non-negative integer, got {value!r}")
+            check_int(name, getattr(self, name), minimum=0)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -85,11 +96,6 @@ def _default_lr(optimizer: str, batch_size: int) -> float:
     # SGD: the linear scaling rule (Goyal et al.) anchored at 0.4 for a batch of 256,
     # i.e. 0.1 for the default batch of 64; AdamW is far less batch-sensitive.
     return 0.4 * batch_size / 256 if optimizer == "sgd" else 1e-3
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
 def recipe_model(

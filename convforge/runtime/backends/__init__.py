@@ -7,6 +7,10 @@ next) > openvino > ort-cpu (on x86 CPUs OpenVINO measured about 2x faster
 than ONNX Runtime fp32 on ResNet-18/50 here) > torch, and takes the first
 whose ``available()`` is true. A backend asked for by name that cannot run
 is an error naming the reason; there is never a silent fallback.
+
+Choosing ``auto`` or a GPU backend first checks the install: onnxruntime and
+onnxruntime-gpu installed together overwrite each other, and a warning says
+how to fix it (:func:`convforge.extras.check_onnxruntime_builds`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import importlib
 
 from convforge.errors import check_choice
+from convforge.extras import check_onnxruntime_builds
 from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
 
 # name -> (module, class); imported on use so that unused backends cost nothing.
@@ -26,6 +31,7 @@ BACKENDS = {
     "torch": ("convforge.runtime.backends.torch_program", "TorchProgram"),
 }
 AUTO_ORDER = ("tensorrt", "ort-trt", "ort-cuda", "openvino", "ort-cpu", "torch")
+GPU_BACKENDS = ("tensorrt", "ort-trt", "ort-cuda")
 
 __all__ = [
     "AUTO_ORDER",
@@ -33,7 +39,9 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "InputSpec",
+    "GPU_BACKENDS",
     "backend_class",
+    "check_onnxruntime_builds",
     "create",
     "resolve",
 ]
@@ -47,6 +55,8 @@ def backend_class(name: str) -> type[Backend]:
 
 def resolve(name: str) -> str:
     """``name`` itself, or for ``auto`` the first available backend of :data:`AUTO_ORDER`."""
+    if name == "auto" or name in GPU_BACKENDS:
+        check_onnxruntime_builds()
     if name != "auto":
         backend_class(name)
         return name

@@ -16,24 +16,16 @@ level: ``convforge.runtime`` imports without torch, onnxruntime or TensorRT.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from convforge.contract import InputSpec
 from convforge.errors import UserError
+
+__all__ = ["Backend", "BackendUnavailable", "InputSpec", "check_batch"]
 
 
 class BackendUnavailable(UserError):
     """The requested backend cannot run here; the message says why. Never a silent fallback."""
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model takes: float32 [N, channels, height, width], N dynamic."""
-
-    channels: int
-    height: int
-    width: int
 
 
 class Backend:

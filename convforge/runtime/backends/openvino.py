@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convforge.errors import UserError, check_choice
+from convforge.errors import UserError, check_choice, check_int
 from convforge.runtime.backends.base import Backend, InputSpec
 
 HINTS = ("LATENCY", "THROUGHPUT")
@@ -48,9 +48,7 @@ class OpenVino(Backend):
             check_choice("openvino precision", precision, PRECISIONS)
         self.requested_precision = precision
         threads = options.get("threads")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise UserError(f"openvino threads must be a positive integer, got {threads!r}")
-        self.threads = threads
+        self.threads = None if threads is None else check_int("openvino threads", threads)
         self._compiled = None
         self._request = None
         self._settings: dict = {}
@@ -66,7 +64,7 @@ class OpenVino(Backend):
     def _load(self) -> InputSpec:
         import openvino as ov
 
-        from convforge.runtime.artifact import read_info
+        from convforge.contract import read_info
 
         info = read_info(self.path)
         config = {"PERFORMANCE_HINT": self.hint}

@@ -2,7 +2,7 @@
 
 Each one runs an exported ``.onnx`` (input ``input``: float32 [N, C, H, W], N
 dynamic; output: float32 [N, K] logits). The input spec and the precision come
-from the file itself (:func:`convforge.runtime.artifact.read_info`): an fp16 or
+from the file itself (:func:`convforge.contract.read_info`): an fp16 or
 int8 export keeps float32 I/O, so every backend takes and returns float32.
 
 GPU backends never fall back to the CPU: when the requested execution provider
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convforge.errors import UserError, check_choice
+from convforge.contract import INPUT_NAME
+from convforge.errors import UserError, check_choice, check_int
+from convforge.extras import install_hint
 from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
 
-INPUT_NAME = "input"
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
 CONV_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 NO_CUDA = "onnxruntime has no CUDA execution provider (install onnxruntime-gpu and a CUDA GPU)"
@@ -38,8 +39,8 @@ DEFAULT_TRT_CACHE = "~/.cache/convforge/ort-trt"
 def _ort_importable() -> tuple[bool, str]:
     try:
         import onnxruntime  # noqa: F401
-    except ImportError as e:
-        return False, f"onnxruntime is not installed ({e}); pip install onnxruntime"
+    except ImportError:
+        return False, f"onnxruntime is not installed: {install_hint('onnxruntime')}"
     return True, ""
 
 
@@ -89,14 +90,8 @@ def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
         )
 
 
-def _positive_int(name: str, key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise UserError(f"{name}: option {key} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _read_spec(backend: Backend) -> InputSpec:
-    from convforge.runtime.artifact import read_info
+    from convforge.contract import read_info
 
     if Path(backend.path).suffix != ".onnx":
         raise UserError(f"{backend.name} runs .onnx files, got {backend.path}")
@@ -143,7 +138,7 @@ class OrtCpu(Backend):
         _check_options(self.name, options, self.OPTIONS)
         super().__init__(path, **options)
         if "threads" in options:
-            self.threads = _positive_int(self.name, "threads", options["threads"])
+            self.threads = check_int(f"{self.name} option threads", options["threads"])
             self.threads_source = "option"
         else:
             self.threads, self.threads_source = physical_cores()
@@ -398,10 +393,10 @@ class OrtTensorRT(_OrtGpu):
     def __init__(self, path: str, **options) -> None:
         _check_options(self.name, options, self.OPTIONS)
         super().__init__(path, **options)
-        self.min_batch = _positive_int(self.name, "min_batch", options.get("min_batch", 1))
-        self.max_batch = _positive_int(self.name, "max_batch", options.get("max_batch", 32))
-        self.opt_batch = _positive_int(
-            self.name, "opt_batch", options.get("opt_batch", self.max_batch)
+        self.min_batch = check_int(f"{self.name} option min_batch", options.get("min_batch", 1))
+        self.max_batch = check_int(f"{self.name} option max_batch", options.get("max_batch", 32))
+        self.opt_batch = check_int(
+            f"{self.name} option opt_batch", options.get("opt_batch", self.max_batch)
         )
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise UserError(

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from convforge.contract import INPUT_NAME
 from convforge.errors import UserError
 from convforge.runtime.backends.base import Backend, InputSpec
 
-INPUT_NAME = "input"
 INSTALL_HINT = (
     "tensorrt is not installed: pip install 'convforge[tensorrt]' on a machine with an NVIDIA GPU"
 )
@@ -131,8 +131,8 @@ class TensorRT(Backend):
         import tensorrt as trt
         import torch
 
+        from convforge.contract import read_info
         from convforge.files import atomic_write, ensure_dir
-        from convforge.runtime.artifact import read_info
 
         info = read_info(self.path)
         self.precision = info.precision

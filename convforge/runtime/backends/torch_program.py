@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from convforge.errors import UserError, check_choice
+from convforge.extras import install_hint
 from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
 
 DEVICES = ("cpu", "cuda")
@@ -79,7 +80,7 @@ class TorchProgram(Backend):
         try:
             import torch
         except ImportError:
-            return False, "torch is not installed: pip install torch"
+            return False, f"torch is not installed: {install_hint('torch')}"
         if device == "cuda" and not torch.cuda.is_available():
             return False, "device 'cuda' requested but torch.cuda.is_available() is False"
         return True, ""
@@ -87,11 +88,19 @@ class TorchProgram(Backend):
     def _load(self) -> InputSpec:
         import torch
 
-        from convforge.runtime.artifact import read_info
+        from convforge.contract import read_info
 
         ok, why = self.available(self.device)
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
+        source = Path(self.path)
+        if not self.program.is_file() and source.suffix == ".onnx" and source.is_file():
+            precision = read_info(source).precision
+            if precision != "fp32":
+                raise UserError(
+                    f"the torch backend runs the fp32 .pt2 program; {source.name} is an "
+                    f"{precision} variant, which has none (give the fp32 .onnx)"
+                )
         if not self.program.is_file():
             raise UserError(
                 f"{self.program} does not exist: the torch backend runs the .pt2 program "
@@ -99,7 +108,6 @@ class TorchProgram(Backend):
             )
         # The ONNX beside the program declares the input shape even without convforge
         # metadata; a bare .pt2 needs the metadata (channels, input_size) in convforge.json.
-        source = Path(self.path)
         info = read_info(source if source.suffix == ".onnx" and source.is_file() else self.program)
         try:
             module = torch.export.load(str(self.program)).module()

@@ -22,7 +22,7 @@ def test_defaults_resolve_by_optimizer():
         ({"label_smoothing": 1.0}, "label smoothing must be in [0, 1)"),
         ({"ema_decay": 1.5}, "EMA decay must be in [0, 1)"),
         ({"lr": -0.1}, "learning rate must be positive"),
-        ({"patience": -2}, "patience must be a non-negative integer"),
+        ({"patience": -2}, "patience must be an integer >= 0"),
     ],
 )
 def test_bad_values_are_one_line_errors(kwargs, message):

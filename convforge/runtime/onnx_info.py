@@ -1,7 +1,8 @@
-"""``convforge inspect``: what an ONNX file holds, without running it."""
+"""``convforge inspect``: what an ONNX file holds, without running it (onnx only, no torch)."""
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -9,23 +10,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from convforge.errors import UserError
-from convforge.export import metadata as meta
-from convforge.export.onnx_export import op_histogram
+from convforge import contract
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse an ONNX file; UserError when it is missing, truncated or not ONNX."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:  # protobuf raises DecodeError; onnx wraps others
-        raise UserError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
-    if not model.graph.node:
-        raise UserError(f"{path} is not a readable ONNX model: the graph has no nodes")
-    return model
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type, most frequent first."""
+    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
 
 
 def _tensor_info(value) -> dict:
@@ -40,7 +30,7 @@ def _tensor_info(value) -> dict:
 
 def describe(path: str | os.PathLike) -> dict:
     """JSON-ready summary: versions, I/O, op histogram, parameters, size, metadata, BN count."""
-    model = load(path)
+    model = contract.load_onnx(path)
     params = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
     nodes = op_histogram(model)
     return {
@@ -55,7 +45,8 @@ def describe(path: str | os.PathLike) -> dict:
         "nodes": sum(nodes.values()),
         "op_histogram": nodes,
         "batchnorm_nodes": nodes.get("BatchNormalization", 0),
-        "metadata": meta.decoded(model),
+        "precision": contract.graph_precision(model),
+        "metadata": contract.decode(contract.read_props(model)),
     }
 
 
@@ -75,7 +66,8 @@ def format_description(info: dict) -> str:
             f"opset {opsets}, producer {info['producer'] or 'unknown'}",
             *io_lines,
             f"parameters: {info['parameters']:,}; nodes: {info['nodes']} "
-            f"(BatchNormalization: {info['batchnorm_nodes']})",
+            f"(BatchNormalization: {info['batchnorm_nodes']}); "
+            f"precision in the graph: {info['precision']}",
             f"ops: {ops}",
             "metadata:",
             *md,

@@ -98,7 +98,7 @@ def test_diagnose_init_json_on_stdout(tmp_path, capsys):
             "model 'resnet18' has no option depth",
         ),
         (["models", "--stem", "cifar"], "unknown stem 'cifar'"),
-        (["models", "--input-size", "0"], "input size must be a positive number of pixels"),
+        (["models", "--input-size", "0"], "input size (px) must be a positive integer"),
         (["models", "--input-size", "16"], "cannot take 16 px input"),
     ],
 )
@@ -132,28 +132,10 @@ def test_console_command_runs_as_a_module_without_traceback():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["models", "--help"], ["diagnose", "init", "--help"], ["demo", "--help"]]
+    "argv", [["models", "--help"], ["diagnose", "init", "--help"], ["train", "--help"]]
 )
 def test_help_explains_itself(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
     assert "usage: convforge" in capsys.readouterr().out
-
-
-def test_demo_writes_a_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--json"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert json.loads(capsys.readouterr().out) == report
-    assert {"model_zoo", "init_experiment", "train", "export", "bench"} <= set(report["steps"])
-    backends = {(r["backend"], r["precision"]) for r in report["steps"]["bench"]["records"]}
-    assert {("ort-cpu", "fp32"), ("ort-cpu", "int8"), ("torch", "fp32")} <= backends
-    assert report["steps"]["export"]["validation"]["passed"]
-    assert set(report["steps"]["export"]["variants"]) == {"fp16", "int8"}
-    for name in ("model.onnx", "model.pt2", "model.fp16.onnx", "model.int8.onnx"):
-        assert (tmp_path / name).exists()
-    assert report["steps"]["train"]["epochs"] == 1
-    assert (tmp_path / "train" / "best.pt").exists()
-    assert (tmp_path / "report.md").read_text().startswith("# convforge demo report")
-    for activation in ("relu", "tanh"):
-        assert (tmp_path / f"init-plain-{activation}.png").exists()

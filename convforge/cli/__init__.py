@@ -1,0 +1,126 @@
+"""``convforge <command>``: parses arguments, calls the parts, prints; no logic of its own.
+
+One module per command group: :mod:`.builder` (models, diagnose, train,
+finetune, augment-preview), :mod:`.export` (export, inspect), :mod:`.runtime`
+(predict, bench) and :mod:`.demo`. A command's parser is built only when that
+command runs, from the settings dataclasses of the part it calls
+(:mod:`.options`): ``convforge predict`` never imports torch, and a command
+whose extra is not installed says which one in a line before anything else
+happens (:mod:`convforge.extras`).
+
+Every command exits 0 on success, 2 with one line ``convforge: error: ...``
+on a user mistake (no traceback, no usage dump), and 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+import warnings
+from dataclasses import dataclass
+
+from convforge import __version__, extras
+from convforge.cli.options import Parser
+from convforge.errors import UserError, check_choice
+
+TRAIN = ("torch", "torchvision", "sklearn", "matplotlib")  # what builder commands import
+EXPORT = (*TRAIN, "onnxscript", "onnxruntime")  # + the exporter and the validating engine
+
+
+@dataclass(frozen=True)
+class Command:
+    group: str  # module of convforge.cli whose PARSERS[name] builds the parser
+    summary: str  # one line for `convforge --help`
+    needs: tuple[str, ...] = ()  # modules it cannot start without (names in extras.EXTRA_OF)
+
+
+COMMANDS = {
+    "models": Command("builder", "list every model with parameters and compute", ("torch",)),
+    "diagnose": Command("builder", "diagnostic experiments (init)", ("torch", "matplotlib")),
+    "train": Command("builder", "train a model (default: small ResNet-18 on digits)", TRAIN),
+    "finetune": Command("builder", "transfer learning from a checkpoint or weights file", TRAIN),
+    "augment-preview": Command("builder", "PNG grid of augmented training samples", TRAIN),
+    "export": Command("export", "checkpoint -> BatchNorm-folded, validated ONNX", EXPORT),
+    "inspect": Command("export", "what an ONNX file holds"),
+    "predict": Command("runtime", "top-k classes of images with an exported model"),
+    "bench": Command("runtime", "latency/throughput per backend x precision x batch size"),
+    "demo": Command(
+        "demo",
+        "the pipeline on the bundled dataset, with a report",
+        (*EXPORT, "onnxconverter_common"),
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``convforge`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = argv[0] if argv else ""
+    with _warnings_as_lines():
+        try:
+            return _run(argv)
+        except UserError as e:
+            print(f"convforge: error: {e}", file=sys.stderr)
+            return 2
+        except ModuleNotFoundError as e:
+            # A library the command's `needs` did not list; still one line, never a traceback.
+            module = (e.name or "").split(".")[0]
+            if module not in extras.EXTRA_OF:
+                raise
+            message = extras.missing_message(f"convforge {name}", module)
+            print(f"convforge: error: {message}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("convforge: interrupted", file=sys.stderr)
+            return 130
+
+
+def _run(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-"):
+        overview().parse_args(argv)  # --help and --version exit here
+        raise UserError(
+            f"a command is needed; choose one of: {', '.join(COMMANDS)} (see 'convforge --help')"
+        )
+    name = check_choice("command", argv[0], list(COMMANDS))
+    command = COMMANDS[name]
+    extras.require(f"convforge {name}", *command.needs)
+    group = importlib.import_module(f"convforge.cli.{command.group}")
+    parser = Parser(prog=f"convforge {name}")
+    group.PARSERS[name](parser)
+    args = parser.parse_args(argv[1:])
+    return args.func(args)
+
+
+def overview() -> argparse.ArgumentParser:
+    """The top-level parser: ``--help`` lists the commands, ``--version``."""
+    parser = Parser(
+        prog="convforge",
+        description="Train VGG/ResNet image classifiers, export validated ONNX, "
+        "and run them fast with honest latency numbers.",
+        epilog="'convforge COMMAND --help' explains a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"convforge {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND", title="commands")
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.summary)
+    return parser
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Show convforge's own warnings as one ``convforge: warning: ...`` line each."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, extras.InstallWarning):
+            print(f"convforge: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original

@@ -1,0 +1,156 @@
+"""What every command's parser shares: one-line usage errors, options generated from
+settings dataclasses, ``--json``, ``--set``, comma-separated lists.
+
+Nothing here imports torch; a command's own settings classes are imported by
+that command's module when its parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+
+from convforge.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a UserError: one line and a ``--help`` hint,
+    not a usage dump (the CLI prints it and exits 2, like every other user error)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``: print a machine-readable result on stdout instead of the table."""
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
+
+
+def csv(value: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: ``"1,8,32"`` -> ``(1, 8, 32)``, positive integers only."""
+    try:
+        values = tuple(int(v) for v in csv(text))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+def add_settings(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    *,
+    only: tuple[str, ...] | None = None,
+    skip: tuple[str, ...] = (),
+    defaults: dict | None = None,
+) -> None:
+    """One option per field of dataclass ``cls`` declared with :func:`convforge.settings.setting`.
+
+    The option is ``--field-name`` (or the field's ``flag``), typed from the
+    annotation (``bool`` fields get ``--x/--no-x``; ``tuple[int, ...]`` takes
+    ``1,8,32``), defaulting to the field's default or ``defaults[name]``, and
+    stores into ``args.<field name>`` for :func:`settings_from`. ``only`` and
+    ``skip`` choose fields by name.
+    """
+    defaults = defaults or {}
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", False) or f.name in skip or (only and f.name not in only):
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, _default(f))
+        kind = _without_none(hints[f.name])
+        kwargs = {"dest": f.name, "default": default, "help": _help(f, default)}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kwargs["type"] = int_list
+            kwargs["metavar"] = "N,N,..."
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        group.add_argument(flag, **kwargs)
+
+
+def settings_values(cls: type, args: argparse.Namespace) -> dict:
+    """The values of the options :func:`add_settings` declared for ``cls``, by field name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def settings_from(cls: type, args: argparse.Namespace, **fixed):
+    """An instance of ``cls`` from the options :func:`add_settings` declared (``fixed`` wins)."""
+    return cls(**{**settings_values(cls, args), **fixed})
+
+
+def backend_options(items: list[str] | None, backends) -> dict[str, dict]:
+    """``["torch.device=cuda", "ort-cpu.threads=2"]`` -> ``{"torch": {"device": "cuda"}, ...}``.
+
+    Values are JSON when they parse (numbers, true/false), else strings.
+    ``backends`` are the accepted backend names.
+    """
+    options: dict[str, dict] = {}
+    for item in items or []:
+        name, dot, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not dot or not eq or not key:
+            raise UserError(f"--set takes BACKEND.KEY=VALUE (e.g. torch.device=cuda), got {item!r}")
+        if name not in backends:
+            raise UserError(
+                f"--set {item!r}: unknown backend {name!r}; choose one of: {', '.join(backends)}"
+            )
+        try:
+            options.setdefault(name, {})[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options.setdefault(name, {})[key] = value
+    return options
+
+
+def add_backend_options(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set BACKEND.KEY=VALUE``, repeatable (parse with :func:`backend_options`)."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="BACKEND.KEY=VALUE",
+        help=f"a backend option, repeatable, e.g. {example}",
+    )
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _without_none(annotation):
+    """``int | None`` -> ``int``; anything else unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _help(f: dataclasses.Field, default) -> str:
+    text = f.metadata.get("help", "")
+    if isinstance(default, bool):
+        text += f" (default: {'on' if default else 'off'})"
+    elif default is not None and default != ():
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        text += f" (default: {shown})"
+    return text.replace("%", "%%")  # argparse %-formats help strings

@@ -1,0 +1,174 @@
+"""The runtime's commands: ``predict`` and ``bench``. Neither imports torch unless asked to
+(``--backend torch``, ``bench --accuracy``). ``bench``'s timing options are generated from
+``BenchConfig``; the matrix itself is :func:`convforge.runtime.bench.bench_matrix`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from convforge import extras
+from convforge.cli.options import (
+    add_backend_options,
+    add_json,
+    add_settings,
+    backend_options,
+    csv,
+    settings_from,
+)
+from convforge.errors import UserError
+
+BACKEND_HELP = "auto, ort-cpu, ort-cuda, ort-trt, tensorrt, openvino or torch"
+
+
+def predict_parser(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Classify images with an exported model (.onnx; .pt2 for the torch "
+        "backend). Preprocessing comes from the model's metadata."
+    )
+    p.add_argument("model", help="an exported .onnx (or .pt2) file")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--backend", default="auto", help=f"{BACKEND_HELP} (default: auto)")
+    add_backend_options(p, "torch.device=cuda")
+    add_json(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from convforge.runtime import load
+    from convforge.runtime.backends import BACKENDS
+
+    if args.backend == "auto":
+        extras.require_engine("convforge predict")
+    options = backend_options(args.set, BACKENDS)
+    with load(args.model, backend=args.backend, **options.get(args.backend, {})) as model:
+        results = model.predict(args.images, topk=args.topk)
+        ran = model.backend.describe()
+    if args.json:
+        record = {
+            "model": args.model,
+            **ran,
+            "predictions": [
+                {"image": str(image), "top": [p.__dict__ for p in top]}
+                for image, top in zip(args.images, results, strict=True)
+            ],
+        }
+        print(json.dumps(record, indent=2))
+        return 0
+    for image, top in zip(args.images, results, strict=True):
+        best = ", ".join(f"{p.label} {p.probability:.1%}" for p in top)
+        print(f"{image}: {best}")
+    print(f"({ran['backend']}, {ran['precision']})")
+    return 0
+
+
+def bench_parser(p: argparse.ArgumentParser) -> None:
+    from convforge.runtime.bench import BenchConfig
+
+    p.description = (
+        "Benchmark exported models: per backend and batch size, load time and "
+        "first inference apart, warm-up, then timed runs; latency mean/std/min/p50/p90/p95/"
+        "p99/max and images/s, end to end (and compute-only where inputs can stay on the "
+        "GPU). Exits 1 when --compare finds a regression."
+    )
+    p.add_argument("models", nargs="+", help="exported .onnx files (e.g. fp32, fp16, int8)")
+    p.add_argument(
+        "--backends",
+        default="available",
+        help="comma-separated backends, or 'available' (every one that runs here)",
+    )
+    add_settings(p, BenchConfig, "timing")
+    g = p.add_argument_group("accuracy and regressions")
+    g.add_argument(
+        "--accuracy", help="dataset spec: add each backend's top-1 on its val split (needs torch)"
+    )
+    g.add_argument("--compare", help="baseline bench JSON: flag slower p50s")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=0.10,
+        help="--compare: slowdown that counts as a regression (default: 0.10 = 10%%)",
+    )
+    add_backend_options(
+        p, "torch.device=cuda, torch.dtype=fp16, ort-cpu.threads=2, openvino.hint=THROUGHPUT"
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--json-out", help="write records as JSON")
+    g.add_argument("--csv-out", help="write records as CSV")
+    g.add_argument("--plot", help="write a PNG: latency and throughput vs batch size")
+    add_json(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from convforge.runtime import bench
+    from convforge.runtime.backends import BACKENDS
+
+    if args.plot:
+        extras.require("convforge bench --plot", "matplotlib")
+    names = None if args.backends == "available" else csv(args.backends)
+    if names is None:
+        extras.require_engine("convforge bench")
+    cfg = settings_from(bench.BenchConfig, args)
+    options = backend_options(args.set, BACKENDS)
+    labelled = _labelled_images(args.accuracy, args.models[0]) if args.accuracy else None
+    records, skipped = bench.bench_matrix(args.models, names, cfg, options, labelled)
+    env = bench.environment()
+    regressions = []
+    if args.compare:
+        regressions = bench.compare(records, bench.read_records(args.compare), args.threshold)
+    if args.json_out:
+        bench.write_json(args.json_out, records, env)
+    if args.csv_out:
+        bench.write_csv(args.csv_out, records)
+    if args.plot:
+        bench.plot(args.plot, records)
+    if args.json:
+        result = {"environment": env, "records": records, "regressions": regressions}
+        print(json.dumps({**result, "skipped": skipped}, indent=2))
+        return 1 if regressions else 0
+    print(bench.format_table(records))
+    if labelled is not None:
+        for r in records:
+            if r["timing"] == "end-to-end" and r["batch_size"] == cfg.batch_sizes[0]:
+                print(f"top-1 accuracy {r['backend']} {r['precision']}: {r['top1_accuracy']:.2%}")
+    gpu = f", {env['gpu']}" if "gpu" in env else ""
+    print(f"\n{env['cpu']}, {env['logical_cores']} logical cores{gpu}")
+    for note in skipped:
+        print(f"skipped: {note}")
+    if any(r["unstable"] for r in records):
+        print("warning: some runs varied by more than 10% (cv); close other programs")
+    for reg in regressions:
+        print(
+            f"REGRESSION: {reg['backend']} {reg['precision']} batch {reg['batch_size']}: "
+            f"p50 {reg['p50_ms']:.3f} ms vs {reg['baseline_p50_ms']:.3f} ms "
+            f"(x{reg['slowdown']:.2f})"
+        )
+    return 1 if regressions else 0
+
+
+def _labelled_images(spec: str, model_path: str):
+    """Raw validation images (uint8 HxW[xC]) and labels of dataset ``spec`` for --accuracy.
+
+    The datasets are the builder's, so this needs the train extra.
+    """
+    extras.require("convforge bench --accuracy", "torch", "torchvision", "sklearn")
+    from convforge.builder.data.sources import load_dataset
+    from convforge.contract import read_info
+
+    info = read_info(model_path)
+    bundle = load_dataset(spec, channels=info.spec.channels)
+    if list(bundle.classes) != list(info.classes):
+        raise UserError(
+            f"dataset {spec!r} has classes {bundle.classes[:5]}..., the model "
+            f"{info.classes[:5]}...; --accuracy needs the model's own classes"
+        )
+    images = []
+    for i in range(len(bundle.val)):
+        x = bundle.val.load(i).numpy()
+        images.append(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
+    return images, list(bundle.val.targets)
+
+
+PARSERS = {"predict": predict_parser, "bench": bench_parser}

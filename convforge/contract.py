@@ -1,0 +1,260 @@
+"""The file contract between export and runtime: names, metadata keys, their encoding.
+
+An exported ``.onnx`` takes images through the graph input :data:`INPUT_NAME`
+(float32 [N, C, H, W], N dynamic and named :data:`BATCH_DIM`) and gives class
+scores through the output :data:`OUTPUT_NAME` (float32 [N, K]). What the
+runtime needs to serve it (preprocessing, class names, precision) rides in the
+file's ``metadata_props`` under the keys of :data:`KEYS`, each prefixed with
+:data:`PREFIX`. ONNX stores strings only: a string value is stored as-is,
+anything else as JSON. The ``.pt2`` program written beside the ONNX carries
+the same mapping, as JSON, in its extra file :data:`PT2_METADATA`.
+
+Export writes through :func:`metadata` and :func:`write_props`; the runtime
+reads through :func:`read_info`; export reads its own files back through
+:func:`read_info` too, so both sides agree by construction. This module
+imports onnx and the standard library only (no torch, no onnxruntime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from convforge import __version__
+from convforge.errors import UserError
+
+INPUT_NAME = "input"  # graph input: preprocessed images
+OUTPUT_NAME = "logits"  # graph output: one score per class
+BATCH_DIM = "batch"  # dim_param of the dynamic batch dimension
+PREFIX = "convforge."  # of every metadata_props key convforge writes
+PT2_METADATA = "convforge.json"  # extra file of the .pt2 archive holding the metadata
+PRECISIONS = ("fp32", "fp16", "int8")
+_QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
+
+# key (without PREFIX) -> what its value means. Strings are stored as-is, the rest as JSON.
+KEYS = {
+    "version": "convforge version that wrote the file",
+    "arch": 'architecture name, e.g. "resnet18"',
+    "classes": "list of class names, index = logit position",
+    "mean": "per-channel mean, for pixels scaled to [0, 1]",
+    "std": "per-channel std",
+    "input_size": "square side in px the model takes",
+    "resize_size": "resize the shorter side to this, then center-crop input_size "
+    "(equal to input_size: plain resize)",
+    "channels": "1 (grayscale) or 3 (RGB)",
+    "precision": "fp32, fp16 or int8",
+    "int8_target": "int8 only: cpu (uint8 asymmetric activations) or tensorrt (symmetric int8)",
+    "calibration": 'int8 only: {"method": ..., "samples": ...}',
+    "folded_bn": "BatchNorm layers folded into convolutions",
+    "source_sha256": "sha256 of the checkpoint the model came from",
+}
+
+
+def encode(values: Mapping[str, object]) -> dict[str, str]:
+    """``{"precision": "int8", "classes": [...]}`` -> ``{"convforge.precision": "int8", ...}``.
+
+    Raises ValueError for a key outside :data:`KEYS` (a bug in the writer, not a
+    user mistake: the contract has no room for ad-hoc keys).
+    """
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ValueError(f"not keys of the convforge file contract: {unknown}")
+    return {PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+
+
+def decode(props: Mapping[str, str]) -> dict:
+    """The ``convforge.*`` entries of ``props``, prefix removed, JSON values decoded."""
+    out = {}
+    for key, value in props.items():
+        if not key.startswith(PREFIX):
+            continue
+        try:
+            out[key[len(PREFIX) :]] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key[len(PREFIX) :]] = value
+    return out
+
+
+def metadata(
+    *,
+    arch: str,
+    classes: list[str],
+    mean: list[float],
+    std: list[float],
+    input_size: int,
+    resize_size: int,
+    channels: int,
+    source_sha256: str,
+    folded_bn: int = 0,
+    precision: str = "fp32",
+) -> dict[str, str]:
+    """The encoded metadata of one fp32 export (variants update ``precision`` and add keys)."""
+    return encode(
+        {
+            "version": __version__,
+            "arch": arch,
+            "classes": list(classes),
+            "mean": list(mean),
+            "std": list(std),
+            "input_size": input_size,
+            "resize_size": resize_size,
+            "channels": channels,
+            "precision": precision,
+            "folded_bn": folded_bn,
+            "source_sha256": source_sha256,
+        }
+    )
+
+
+def graph_precision(model) -> str:
+    """fp32, fp16, bf16 or int8, read from an ``onnx.ModelProto``'s graph, not its metadata.
+
+    Quantize/Dequantize (or QLinear) nodes mean int8; 16-bit float weights mean
+    fp16 or bf16. What a file made elsewhere declares about itself, in effect.
+    """
+    if any(n.op_type in _QUANTIZED_OPS for n in model.graph.node):
+        return "int8"
+    types = {t.data_type for t in model.graph.initializer}
+    for onnx_type, name in ((10, "fp16"), (16, "bf16")):  # TensorProto.FLOAT16, BFLOAT16
+        if onnx_type in types:
+            return name
+    return "fp32"
+
+
+def read_props(model) -> dict[str, str]:
+    """Every ``metadata_props`` entry of an ``onnx.ModelProto``, in order (raw strings)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def write_props(model, props: Mapping[str, str], replace_all: bool = False) -> None:
+    """Set ``props`` on an ``onnx.ModelProto`` in place.
+
+    Keys already there keep their position and take the new value; new keys
+    are appended. ``replace_all`` drops every entry not in ``props`` first.
+    """
+    merged = {} if replace_all else read_props(model)
+    merged.update(props)
+    del model.metadata_props[:]
+    for key, value in merged.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model takes: float32 [N, channels, height, width], N dynamic."""
+
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What serving an exported file needs to know, read from the file itself."""
+
+    path: str
+    spec: InputSpec  # input channels, height, width
+    classes: list[str]  # logit index -> name ("0".."K-1" when the file has none)
+    mean: list[float]  # per channel, for pixels scaled to [0, 1]
+    std: list[float]
+    resize_size: int  # resize the shorter side to this, then center-crop spec.height
+    precision: str  # fp32, fp16 or int8
+    arch: str
+    metadata: dict  # every convforge.* entry, decoded, without the prefix (and precision)
+
+    @property
+    def int8_target(self) -> str | None:
+        """cpu or tensorrt for an int8 export, else None."""
+        return self.metadata.get("int8_target")
+
+
+def read_info(path: str | os.PathLike) -> ModelInfo:
+    """The model's input spec and preprocessing; UserError for a missing or foreign file.
+
+    Takes an ``.onnx`` (metadata_props, input shape from the graph) or a ``.pt2``
+    (the :data:`PT2_METADATA` extra file, which must then hold channels and
+    input_size).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    if path.suffix == ".pt2":
+        meta, spec = _pt2_metadata(path), None
+    else:
+        meta, spec = _onnx_metadata(path)
+    c = meta.get("channels", spec.channels if spec else None)
+    size = meta.get("input_size", spec.height if spec else None)
+    if c is None or size is None:
+        raise UserError(
+            f"{path} has no convforge metadata (channels, input_size); "
+            "export it with `convforge export`"
+        )
+    if spec is None:
+        spec = InputSpec(int(c), int(size), int(size))
+    n_classes = len(meta["classes"]) if "classes" in meta else 0
+    return ModelInfo(
+        path=str(path),
+        spec=spec,
+        classes=list(meta.get("classes") or [str(i) for i in range(n_classes)]),
+        mean=list(meta.get("mean", [0.0] * spec.channels)),
+        std=list(meta.get("std", [1.0] * spec.channels)),
+        resize_size=int(meta.get("resize_size", spec.height)),
+        precision=str(meta.get("precision", "fp32")),
+        arch=str(meta.get("arch", "unknown")),
+        metadata=meta,
+    )
+
+
+def load_onnx(path: str | os.PathLike, weights: bool = True):
+    """Parse an ONNX file; UserError when it is missing, truncated or not ONNX."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=weights)
+    except Exception as e:  # protobuf raises DecodeError; onnx wraps others
+        raise UserError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
+    if not model.graph.node:
+        raise UserError(f"{path} is not a readable ONNX model: the graph has no nodes")
+    return model
+
+
+def _onnx_metadata(path: Path) -> tuple[dict, InputSpec]:
+    model = load_onnx(path, weights=False)
+    inputs = [i for i in model.graph.input if i.name == INPUT_NAME] or list(model.graph.input)
+    if not inputs:
+        raise UserError(f"{path} is not a readable ONNX model: it has no inputs")
+    dims = [d.dim_value if d.dim_value > 0 else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or None in dims[1:]:
+        raise UserError(f"{path}: input must be [N, C, H, W] with fixed C, H, W; got {dims}")
+    meta = decode(read_props(model))
+    meta.setdefault("precision", graph_precision(model))
+    return meta, InputSpec(dims[1], dims[2], dims[3])
+
+
+def _pt2_metadata(path: Path) -> dict:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/" + PT2_METADATA)), None)
+            if name is None:
+                raise UserError(f"{path} has no {PT2_METADATA}: export it with `convforge export`")
+            raw = json.loads(archive.read(name))
+    except zipfile.BadZipFile:
+        raise UserError(f"{path} is not a torch.export program (.pt2)") from None
+    return decode(raw)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (a checkpoint's identity; a model's cache key)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,122 @@
+"""The file contract: names, keys, encoding, and reading a file back (no torch needed)."""
+
+import json
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from convforge import contract
+from convforge.errors import UserError
+
+
+def _model(weight_type=TensorProto.FLOAT, qdq=False, props=None):
+    """A 1x1 conv classifier: input [batch, 3, 4, 4] -> logits, optionally Q/DQ'd."""
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), dtype=np.float32), "w")
+    if weight_type == TensorProto.FLOAT16:
+        w = numpy_helper.from_array(np.ones((2, 3, 1, 1), dtype=np.float16), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["logits"])]
+    inits = [w]
+    src = "input"
+    if qdq:
+        inits += [numpy_helper.from_array(np.float32(0.1), "s"),
+                  numpy_helper.from_array(np.uint8(128), "z")]  # fmt: skip
+        nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["x"]), *nodes]  # fmt: skip
+    else:
+        nodes[0].input[0] = src
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2, 4, 4])],
+        inits,
+    )
+    model = helper.make_model(graph)
+    contract.write_props(model, props or {})
+    return model
+
+
+def _props(**over):
+    base = dict(
+        arch="resnet18", classes=["cat", "dog, big"], mean=[0.5, 0.4, 0.3], std=[0.2] * 3,
+        input_size=4, resize_size=8, channels=3, source_sha256="ab" * 32, folded_bn=20,
+    )  # fmt: skip
+    return contract.metadata(**{**base, **over})
+
+
+def test_metadata_round_trips_through_an_onnx_file(tmp_path):
+    onnx.save(_model(props=_props()), tmp_path / "m.onnx")
+    info = contract.read_info(tmp_path / "m.onnx")
+    assert info.classes == ["cat", "dog, big"] and info.mean == [0.5, 0.4, 0.3]
+    assert info.spec == contract.InputSpec(3, 4, 4) and info.resize_size == 8
+    assert info.arch == "resnet18" and info.precision == "fp32" and info.int8_target is None
+    assert info.metadata["folded_bn"] == 20 and info.metadata["version"]
+
+
+def test_metadata_round_trips_through_a_pt2_extra_file(tmp_path):
+    # A .pt2 is a zip archive; the contract reads its extra file without torch.
+    with zipfile.ZipFile(tmp_path / "m.pt2", "w") as z:
+        z.writestr("m/extra/" + contract.PT2_METADATA, json.dumps(_props()))
+    info = contract.read_info(tmp_path / "m.pt2")
+    assert info.spec == contract.InputSpec(3, 4, 4) and info.classes == ["cat", "dog, big"]
+
+
+def test_encode_refuses_keys_outside_the_contract():
+    with pytest.raises(ValueError, match="not keys of the convforge file contract"):
+        contract.encode({"precison": "fp32"})
+    assert contract.encode({"precision": "int8", "folded_bn": 3}) == {
+        "convforge.precision": "int8",
+        "convforge.folded_bn": "3",
+    }
+
+
+def test_write_props_replaces_in_place_and_keeps_other_keys():
+    model = _model()
+    model.metadata_props.add(key="other.key", value="x")
+    contract.write_props(model, contract.encode({"precision": "fp32", "arch": "a"}))
+    contract.write_props(model, contract.encode({"precision": "int8"}))
+    assert contract.read_props(model) == {
+        "other.key": "x",
+        "convforge.precision": "int8",
+        "convforge.arch": "a",
+    }
+    contract.write_props(model, {"convforge.arch": "b"}, replace_all=True)
+    assert contract.read_props(model) == {"convforge.arch": "b"}
+
+
+@pytest.mark.parametrize(
+    "model, precision",
+    [
+        (_model(), "fp32"),
+        (_model(weight_type=TensorProto.FLOAT16), "fp16"),
+        (_model(qdq=True), "int8"),
+    ],
+)
+def test_precision_of_a_file_without_metadata_comes_from_its_graph(model, precision, tmp_path):
+    onnx.save(model, tmp_path / "m.onnx")
+    info = contract.read_info(tmp_path / "m.onnx")
+    assert info.precision == precision and info.classes == []
+
+
+def test_declared_precision_wins_over_the_graph(tmp_path):
+    onnx.save(_model(qdq=True, props=_props(precision="fp16")), tmp_path / "m.onnx")
+    assert contract.read_info(tmp_path / "m.onnx").precision == "fp16"
+
+
+def test_unreadable_files_are_user_errors(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 10)
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="does not exist"):
+        contract.read_info(tmp_path / "nope.onnx")
+    with pytest.raises(UserError, match="is not a readable ONNX model"):
+        contract.read_info(tmp_path / "junk.onnx")
+    with pytest.raises(UserError, match=r"is not a torch.export program \(.pt2\)"):
+        contract.read_info(tmp_path / "junk.pt2")
+
+
+def test_sha256(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    assert contract.sha256_of(tmp_path / "f").startswith("ba7816bf")
