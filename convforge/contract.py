@@ -126,6 +126,32 @@ def graph_precision(model) -> str:
     return "fp32"
 
 
+def int8_symmetric(model) -> bool | None:
+    """Whether every Q/DQ node of an ``onnx.ModelProto`` quantizes symmetrically to int8.
+
+    True when each zero point is an int8 initializer of zeros (what TensorRT
+    accepts), False when any is uint8 or non-zero (ONNX Runtime's CPU-friendly
+    asymmetric scheme, or a missing zero point, which means uint8), None when
+    a zero point is computed in the graph and cannot be read.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not nodes:
+        return None
+    for node in nodes:
+        if len(node.input) < 3 or not node.input[2]:
+            return False  # no zero point: uint8
+        zero = inits.get(node.input[2])
+        if zero is None:
+            return None
+        if zero.data_type != TensorProto.INT8 or np.any(numpy_helper.to_array(zero)):
+            return False
+    return True
+
+
 def read_props(model) -> dict[str, str]:
     """Every ``metadata_props`` entry of an ``onnx.ModelProto``, in order (raw strings)."""
     return {p.key: p.value for p in model.metadata_props}
@@ -166,6 +192,7 @@ class ModelInfo:
     precision: str  # fp32, fp16 or int8
     arch: str
     metadata: dict  # every convforge.* entry, decoded, without the prefix (and precision)
+    int8_symmetric: bool | None = None  # int8 files: see int8_symmetric(); else None
 
     @property
     def int8_target(self) -> str | None:
@@ -183,10 +210,11 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
+    symmetric = None
     if path.suffix == ".pt2":
         meta, spec = _pt2_metadata(path), None
     else:
-        meta, spec = _onnx_metadata(path)
+        meta, spec, symmetric = _onnx_metadata(path)
     c = meta.get("channels", spec.channels if spec else None)
     size = meta.get("input_size", spec.height if spec else None)
     if c is None or size is None:
@@ -207,6 +235,7 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
         precision=str(meta.get("precision", "fp32")),
         arch=str(meta.get("arch", "unknown")),
         metadata=meta,
+        int8_symmetric=symmetric,
     )
 
 
@@ -226,7 +255,7 @@ def load_onnx(path: str | os.PathLike, weights: bool = True):
     return model
 
 
-def _onnx_metadata(path: Path) -> tuple[dict, InputSpec]:
+def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None]:
     model = load_onnx(path, weights=False)
     inputs = [i for i in model.graph.input if i.name == INPUT_NAME] or list(model.graph.input)
     if not inputs:
@@ -236,7 +265,8 @@ def _onnx_metadata(path: Path) -> tuple[dict, InputSpec]:
         raise UserError(f"{path}: input must be [N, C, H, W] with fixed C, H, W; got {dims}")
     meta = decode(read_props(model))
     meta.setdefault("precision", graph_precision(model))
-    return meta, InputSpec(dims[1], dims[2], dims[3])
+    symmetric = int8_symmetric(model) if meta["precision"] == "int8" else None
+    return meta, InputSpec(dims[1], dims[2], dims[3]), symmetric
 
 
 def _pt2_metadata(path: Path) -> dict:

@@ -8,7 +8,9 @@ The command line is generated from such fields (:mod:`convforge.cli.options`):
 the option's type comes from the annotation, its default from the field and
 its help from here, so a new field is a new option with nothing else to
 write. ``flag`` renames the option (``--model`` for ``arch``); ``cli=False``
-keeps a field off the command line.
+keeps a field off the command line. ``choices`` and ``minimum`` state what a
+value may be, for parsers that check them (a backend's options,
+:func:`convforge.runtime.backends.options.parse_options`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ def setting(
     flag: str | None = None,
     factory: Any = dataclasses.MISSING,
     cli: bool = True,
+    choices: tuple[str, ...] | None = None,
+    minimum: int | None = None,
 ) -> Any:
-    """A dataclass field with a help line (and optionally a CLI flag name)."""
-    meta = {"help": help, "flag": flag, "cli": cli}
+    """A dataclass field with a help line (and optionally a CLI flag name, accepted values)."""
+    meta = {"help": help, "flag": flag, "cli": cli, "choices": choices, "minimum": minimum}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -46,6 +46,7 @@ COMMANDS = {
     "inspect": Command("export", "what an ONNX file holds"),
     "predict": Command("runtime", "top-k classes of images with an exported model"),
     "bench": Command("runtime", "latency/throughput per backend x precision x batch size"),
+    "backends": Command("runtime", "each backend's options, and whether it runs here"),
     "demo": Command(
         "demo",
         "the pipeline on the bundled dataset, with a report",

@@ -1,6 +1,8 @@
-"""The runtime's commands: ``predict`` and ``bench``. Neither imports torch unless asked to
-(``--backend torch``, ``bench --accuracy``). ``bench``'s timing options are generated from
-``BenchConfig``; the matrix itself is :func:`convforge.runtime.bench.bench_matrix`."""
+"""The runtime's commands: ``predict``, ``bench`` and ``backends``. None imports torch
+unless asked to (``--backend torch``, ``bench --accuracy``). ``bench``'s timing options
+are generated from ``BenchConfig``; the matrix itself is
+:func:`convforge.runtime.bench.bench_matrix`. ``backends`` lists each backend's option
+schema and whether it can run here."""
 
 from __future__ import annotations
 
@@ -19,18 +21,24 @@ from convforge.cli.options import (
 from convforge.errors import UserError
 
 BACKEND_HELP = "auto, ort-cpu, ort-cuda, ort-trt, tensorrt, openvino or torch"
+OPTIONS_HINT = "`convforge backends` lists each backend's options and whether it runs here."
 
 
 def predict_parser(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Classify images with an exported model (.onnx; .pt2 for the torch "
-        "backend). Preprocessing comes from the model's metadata."
+        "backend). Preprocessing comes from the model's metadata. --backend auto loads "
+        "the fastest backend that can run the file here (tensorrt, ort-trt, ort-cuda, "
+        f"openvino, ort-cpu, torch, in that order). {OPTIONS_HINT}"
     )
     p.add_argument("model", help="an exported .onnx (or .pt2) file")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--backend", default="auto", help=f"{BACKEND_HELP} (default: auto)")
     add_backend_options(p, "torch.device=cuda")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="say which backends auto skipped, and why"
+    )
     add_json(p)
     p.set_defaults(func=cmd_predict)
 
@@ -45,10 +53,12 @@ def cmd_predict(args) -> int:
     with load(args.model, backend=args.backend, **options.get(args.backend, {})) as model:
         results = model.predict(args.images, topk=args.topk)
         ran = model.backend.describe()
+        skipped = model.skipped
     if args.json:
         record = {
             "model": args.model,
             **ran,
+            "skipped": skipped,
             "predictions": [
                 {"image": str(image), "top": [p.__dict__ for p in top]}
                 for image, top in zip(args.images, results, strict=True)
@@ -60,6 +70,9 @@ def cmd_predict(args) -> int:
         best = ", ".join(f"{p.label} {p.probability:.1%}" for p in top)
         print(f"{image}: {best}")
     print(f"({ran['backend']}, {ran['precision']})")
+    if args.verbose:
+        for s in skipped:
+            print(f"auto skipped {s['backend']}: {s['why']}")
     return 0
 
 
@@ -70,7 +83,7 @@ def bench_parser(p: argparse.ArgumentParser) -> None:
         "Benchmark exported models: per backend and batch size, load time and "
         "first inference apart, warm-up, then timed runs; latency mean/std/min/p50/p90/p95/"
         "p99/max and images/s, end to end (and compute-only where inputs can stay on the "
-        "GPU). Exits 1 when --compare finds a regression."
+        f"GPU). Exits 1 when --compare finds a regression. {OPTIONS_HINT}"
     )
     p.add_argument("models", nargs="+", help="exported .onnx files (e.g. fp32, fp16, int8)")
     p.add_argument(
@@ -171,4 +184,37 @@ def _labelled_images(spec: str, model_path: str):
     return images, list(bundle.val.targets)
 
 
-PARSERS = {"predict": predict_parser, "bench": bench_parser}
+def backends_parser(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "List every backend: whether it can run on this machine (and if not, why), "
+        "and its options with their types, defaults and meaning, as given to "
+        "--set BACKEND.KEY=VALUE."
+    )
+    add_json(p)
+    p.set_defaults(func=cmd_backends)
+
+
+def cmd_backends(args) -> int:
+    from convforge.runtime.backends import BACKENDS, backend_class
+    from convforge.runtime.backends.options import option_rows
+
+    records = []
+    for name in BACKENDS:
+        cls = backend_class(name)
+        ok, why = cls.available()
+        records.append(
+            {"backend": name, "available": ok, "why": why, "options": option_rows(cls.Options)}
+        )
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for r in records:
+        state = "available" if r["available"] else f"not available: {r['why']}"
+        print(f"{r['backend']} ({state})")
+        for o in r["options"]:
+            default = "unset" if o["default"] is None else o["default"]
+            print(f"  {o['name']} ({o['type']}, default {default}): {o['help']}")
+    return 0
+
+
+PARSERS = {"predict": predict_parser, "bench": bench_parser, "backends": backends_parser}

@@ -5,9 +5,11 @@ one first inference (timed apart: it pays lazy initialization), warm-up
 (``warmup_iters`` and at least ``warmup_seconds``), then the measured run
 (``iters`` and at least ``seconds``). Each iteration is one synchronous
 ``run`` of a fixed random batch: end to end, host<->device copies included
-on GPUs. Backends that can keep inputs on the device (``stage`` +
-``run_device_resident``) are measured a second time compute-only, and the
-record says which (``timing``: ``end-to-end`` or ``compute-only``).
+on GPUs. Backends that can keep inputs on the device (those declaring
+:class:`~.backends.DeviceResident`) are measured a second time compute-only,
+and the record says which (``timing``: ``end-to-end`` or ``compute-only``).
+A backend whose instance runs one batch size only (``single_batch_size``,
+e.g. a captured CUDA graph) gets a fresh instance per batch size.
 
 Every record is flat (``backend``, ``precision``, ``batch_size``, ``timing``,
 ``p50_ms`` ... ``throughput_ips``) and carries the environment it ran in.
@@ -67,7 +69,8 @@ def latency_stats(samples_ms: list[float], batch_size: int) -> dict:
     return stats
 
 
-def _timed(fn, cfg: BenchConfig) -> list[float]:
+def timed(fn, cfg: BenchConfig) -> list[float]:
+    """Warm-up, then the measured calls of ``fn``: milliseconds per call."""
     start = time.perf_counter()
     done = 0
     while done < cfg.warmup_iters or time.perf_counter() - start < cfg.warmup_seconds:
@@ -85,32 +88,44 @@ def _timed(fn, cfg: BenchConfig) -> list[float]:
 def bench_backend(name: str, path: str, cfg: BenchConfig, **options) -> list[dict]:
     """Records for one backend over ``cfg.batch_sizes``."""
     info = read_info(path)
-    backend = backends.create(name, path, **options)
-    t = time.perf_counter()
-    backend.load()
-    load_s = time.perf_counter() - t
+    first = backends.create(name, path, **options)
+    if first.single_batch_size:
+        groups = [(bs,) for bs in cfg.batch_sizes]
+    else:
+        groups = [tuple(cfg.batch_sizes)]
+    rng = np.random.default_rng(cfg.seed)
     records = []
-    try:
-        rng = np.random.default_rng(cfg.seed)
-        for bs in cfg.batch_sizes:
-            batch = rng.standard_normal((bs, *_shape(info))).astype(np.float32)
-            t = time.perf_counter()
-            backend.run(batch)
-            first_ms = (time.perf_counter() - t) * 1e3
-            base = {
-                **backend.describe(),
-                "batch_size": bs,
-                "load_s": round(load_s, 3),
-                "first_inference_ms": round(first_ms, 3),
-            }
-            samples = _timed(lambda b=batch: backend.run(b), cfg)
-            records.append({**base, "timing": "end-to-end", **latency_stats(samples, bs)})
-            if hasattr(backend, "stage") and hasattr(backend, "run_device_resident"):
-                backend.stage(batch)
-                samples = _timed(backend.run_device_resident, cfg)
-                records.append({**base, "timing": "compute-only", **latency_stats(samples, bs)})
-    finally:
-        backend.close()
+    for i, sizes in enumerate(groups):
+        backend = first if i == 0 else backends.create(name, path, **options)
+        t = time.perf_counter()
+        backend.load()
+        load_s = time.perf_counter() - t
+        try:
+            for bs in sizes:
+                batch = rng.standard_normal((bs, *_shape(info))).astype(np.float32)
+                records += _bench_size(backend, batch, load_s, cfg)
+        finally:
+            backend.close()
+    return records
+
+
+def _bench_size(backend, batch: np.ndarray, load_s: float, cfg: BenchConfig) -> list[dict]:
+    bs = len(batch)
+    t = time.perf_counter()
+    backend.run(batch)
+    first_ms = (time.perf_counter() - t) * 1e3
+    base = {
+        **backend.describe(),
+        "batch_size": bs,
+        "load_s": round(load_s, 3),
+        "first_inference_ms": round(first_ms, 3),
+    }
+    samples = timed(lambda: backend.run(batch), cfg)
+    records = [{**base, "timing": "end-to-end", **latency_stats(samples, bs)}]
+    if backend.device_resident:
+        backend.stage(batch)
+        samples = timed(backend.run_device_resident, cfg)
+        records.append({**base, "timing": "compute-only", **latency_stats(samples, bs)})
     return records
 
 

@@ -32,10 +32,11 @@ class Prediction:
 class Model:
     """A loaded model: :meth:`predict` for images, :meth:`logits` for preprocessed batches."""
 
-    def __init__(self, info: ModelInfo, backend: Backend, batch_size: int = 32) -> None:
+    def __init__(self, info: ModelInfo, backend: Backend, batch_size: int = 32, skipped=()) -> None:
         self.info = info
         self.backend = backend
         self.batch_size = check_int("batch size", batch_size)
+        self.skipped = list(skipped)  # auto's candidates that could not run it: backend, why
 
     def preprocess(self, images) -> np.ndarray:
         """float32 [N, C, H, W] for file paths, PIL images or uint8 arrays."""
@@ -79,9 +80,11 @@ class Model:
 def load(path, backend: str = "auto", batch_size: int = 32, **options) -> Model:
     """Load an exported model (.onnx, or .pt2 for the torch backend) on ``backend``.
 
-    ``options`` go to the backend (e.g. ``threads=2`` for ort-cpu). A backend
-    asked for by name that cannot run raises BackendUnavailable naming why.
+    ``options`` go to a named backend (e.g. ``threads=2`` for ort-cpu). A backend
+    asked for by name that cannot run raises BackendUnavailable naming why;
+    ``auto`` takes the first of :data:`~.backends.AUTO_ORDER` that loads and
+    lists the others in :attr:`Model.skipped`.
     """
     info = read_info(path)
-    engine = backends.create(backend, str(path), **options).load()
-    return Model(info, engine, batch_size)
+    engine, skipped = backends.load_backend(backend, str(path), **options)
+    return Model(info, engine, batch_size, skipped)

@@ -41,6 +41,14 @@ def test_help_lists_every_command(capsys):
         (["export", "x.pt"], "the following arguments are required: -o/--output"),
         (["bench", MODEL, "--iters", "many"], "argument --iters: invalid int value: 'many'"),
         (["predict", MODEL], "the following arguments are required: images"),
+        (
+            ["bench", MODEL, "--backends", "tensorrt", "--set", "tensorrt.max_batch=abc"],
+            "tensorrt option max_batch takes an integer, got 'abc'",
+        ),
+        (
+            ["predict", MODEL, IMAGES[0], "--backend", "ort-cpu", "--set", "ort-cpu.thread=2"],
+            "backend 'ort-cpu' has no option 'thread'; accepted: threads, graph_optimization",
+        ),
     ],
 )
 def test_usage_mistakes_are_one_line(argv, message, capsys):
@@ -103,6 +111,31 @@ def test_an_unlisted_missing_library_is_still_one_line(monkeypatch, capsys):
     assert main(["inspect", MODEL]) == 2
     assert _one_line_error(capsys) == (
         "convforge inspect needs matplotlib: pip install 'convforge[train]'"
+    )
+
+
+def test_backend_booleans_from_the_command_line_mean_what_they_say():
+    from convforge.cli.options import backend_options
+    from convforge.runtime.backends import BACKENDS, backend_class
+
+    given = backend_options(["torch.compile=no", "torch.channels_last=yes"], BACKENDS)["torch"]
+    options = backend_class("torch")(MODEL, **given).options
+    assert options.compile is False and options.channels_last is True  # bool("no") is True
+
+
+def test_backends_lists_options_and_availability(capsys):
+    assert main(["backends", "--json"]) == 0
+    records = {r["backend"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(records) == ["ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino", "torch"]
+    assert records["ort-cpu"]["available"] and records["ort-cpu"]["why"] == ""
+    assert [o["name"] for o in records["tensorrt"]["options"]][:3] == [
+        "min_batch", "opt_batch", "max_batch"
+    ]  # fmt: skip
+    if not records["tensorrt"]["available"]:
+        assert "pip install 'convforge[tensorrt]'" in records["tensorrt"]["why"]
+    assert main(["backends"]) == 0
+    assert (
+        "graph_optimization (all|extended|basic|disabled, default all)" in capsys.readouterr().out
     )
 
 

@@ -155,3 +155,23 @@ def test_the_matrix_skips_what_cannot_run_only_when_backends_are_not_named(tmp_p
         bench.bench_matrix([missing], ["ort-cpu"], cfg)
     with pytest.raises(UserError, match=r"no backend could run: .*ort-cpu on .*nope.onnx"):
         bench.bench_matrix([missing], None, cfg)
+
+
+def test_a_single_batch_size_backend_gets_one_instance_per_size(onnx_file, monkeypatch):
+    """CUDA-graph instances run one batch size: bench must not reuse one across sizes."""
+    from convforge.runtime.backends.ort import OrtCpu
+
+    sizes_seen: dict[int, set] = {}
+    real_run = OrtCpu._run
+
+    def run(self, batch):
+        sizes_seen.setdefault(id(self), set()).add(len(batch))
+        return real_run(self, batch)
+
+    monkeypatch.setattr(OrtCpu, "single_batch_size", property(lambda self: True))
+    monkeypatch.setattr(OrtCpu, "_run", run)
+    cfg = bench.BenchConfig(batch_sizes=(1, 2, 4), warmup_iters=1, warmup_seconds=0, iters=2,
+                            seconds=0)  # fmt: skip
+    records = bench.bench_backend("ort-cpu", str(onnx_file), cfg)
+    assert [r["batch_size"] for r in records] == [1, 2, 4]
+    assert sorted(map(sorted, sizes_seen.values())) == [[1], [2], [4]]

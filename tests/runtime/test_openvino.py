@@ -8,7 +8,6 @@ import onnx
 import pytest
 
 from convforge.errors import UserError
-from convforge.runtime.backends.base import BackendUnavailable
 from convforge.runtime.backends.openvino import OpenVino
 from tests.helpers import (
     SMALL_CLASSES,
@@ -93,28 +92,6 @@ def test_int8_model_reports_int8(exported, tmp_path):
     assert np.abs(got - want).max() <= 0.2 * np.abs(want).max()
 
 
-def test_wrong_input_is_a_user_error_before_the_backend(exported, monkeypatch):
-    path, _ = exported
-    with OpenVino(path) as backend:
-        monkeypatch.setattr(backend, "_run", lambda batch: pytest.fail("backend was called"))
-        with pytest.raises(UserError, match="3-channel"):
-            backend.run(np.zeros((1, 1, 16, 16), np.float32))
-        with pytest.raises(UserError, match="16x16"):
-            backend.run(np.zeros((1, 3, 8, 8), np.float32))
-        with pytest.raises(UserError, match="float32"):
-            backend.run(np.zeros((1, 3, 16, 16), np.float64))
-
-
-def test_bad_options_are_user_errors(exported):
-    path, _ = exported
-    with pytest.raises(UserError, match="LATENCY, THROUGHPUT"):
-        OpenVino(path, hint="FAST")
-    with pytest.raises(UserError, match="f32, bf16"):
-        OpenVino(path, precision="fp16")
-    with pytest.raises(UserError, match="unknown option"):
-        OpenVino(path, device="GPU")
-
-
 def test_missing_or_foreign_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         OpenVino(tmp_path / "nope.onnx").load()
@@ -122,14 +99,6 @@ def test_missing_or_foreign_file_is_a_user_error(tmp_path):
     junk.write_bytes(b"not a model")
     with pytest.raises(UserError):
         OpenVino(junk).load()
-
-
-def test_unavailable_without_openvino(monkeypatch, exported):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # import now raises ImportError
-    ok, why = OpenVino.available()
-    assert not ok and "pip install 'convforge[openvino]'" in why
-    with pytest.raises(BackendUnavailable, match="openvino is not installed"):
-        OpenVino(exported[0]).load()
 
 
 def test_backend_modules_import_without_openvino_or_torch():

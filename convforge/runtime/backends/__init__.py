@@ -1,12 +1,15 @@
-"""Backends by name, and ``auto``: the fastest one that can run here.
+"""Backends by name, and ``auto``: the fastest one that can run this file here.
 
 Names (CLI and JSON): ort-cpu, ort-cuda, ort-trt, tensorrt, openvino, torch.
 ``auto`` tries, in order, tensorrt > ort-trt > ort-cuda (an NVIDIA GPU: native
 TensorRT engines are the fastest, ONNX Runtime's TensorRT and CUDA providers
 next) > openvino > ort-cpu (on x86 CPUs OpenVINO measured about 2x faster
-than ONNX Runtime fp32 on ResNet-18/50 here) > torch, and takes the first
-whose ``available()`` is true. A backend asked for by name that cannot run
-is an error naming the reason; there is never a silent fallback.
+than ONNX Runtime fp32 on ResNet-18/50 here) > torch. It does not stop at the
+first backend whose library is installed: it loads each candidate in turn and
+keeps the first that loads, recording every one it skipped and why (a
+provider that is listed but whose libraries are missing, an int8 file
+TensorRT cannot build, ...). A backend asked for by name that cannot run is
+an error naming the reason; there is never a silent fallback.
 
 Choosing ``auto`` or a GPU backend first checks the install: onnxruntime and
 onnxruntime-gpu installed together overwrite each other, and a warning says
@@ -17,9 +20,14 @@ from __future__ import annotations
 
 import importlib
 
-from convforge.errors import check_choice
+from convforge.errors import UserError, check_choice
 from convforge.extras import check_onnxruntime_builds
-from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
+from convforge.runtime.backends.base import (
+    Backend,
+    BackendUnavailable,
+    DeviceResident,
+    InputSpec,
+)
 
 # name -> (module, class); imported on use so that unused backends cost nothing.
 BACKENDS = {
@@ -36,14 +44,15 @@ GPU_BACKENDS = ("tensorrt", "ort-trt", "ort-cuda")
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "GPU_BACKENDS",
     "Backend",
     "BackendUnavailable",
+    "DeviceResident",
     "InputSpec",
-    "GPU_BACKENDS",
     "backend_class",
     "check_onnxruntime_builds",
     "create",
-    "resolve",
+    "load_backend",
 ]
 
 
@@ -53,22 +62,40 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def resolve(name: str) -> str:
-    """``name`` itself, or for ``auto`` the first available backend of :data:`AUTO_ORDER`."""
-    if name == "auto" or name in GPU_BACKENDS:
-        check_onnxruntime_builds()
-    if name != "auto":
-        backend_class(name)
-        return name
-    reasons = []
-    for candidate in AUTO_ORDER:
-        ok, why = backend_class(candidate).available()
-        if ok:
-            return candidate
-        reasons.append(f"{candidate}: {why}")
-    raise BackendUnavailable("no backend can run here: " + "; ".join(reasons))
-
-
 def create(name: str, path: str, **options) -> Backend:
-    """An unloaded backend ``name`` (or ``auto``) for the model at ``path``."""
-    return backend_class(resolve(name))(path, **options)
+    """An unloaded backend ``name`` (not ``auto``: that one is chosen by loading)."""
+    if name in GPU_BACKENDS:
+        check_onnxruntime_builds()
+    return backend_class(name)(path, **options)
+
+
+def load_backend(name: str, path: str, **options) -> tuple[Backend, list[dict]]:
+    """A loaded backend for the model at ``path``, and the ``auto`` candidates it skipped.
+
+    ``name`` is a backend name (loaded as asked, or an error) or ``auto``: each
+    of :data:`AUTO_ORDER` is loaded in turn until one loads; the skipped ones
+    come back as ``{"backend", "why"}`` records. A candidate is skipped only
+    for :class:`BackendUnavailable` (it cannot run this file here); any other
+    error, such as a missing or unreadable file, is raised at once. ``options``
+    need a named backend.
+    """
+    if name != "auto":
+        return create(name, path, **options).load(), []
+    if options:
+        raise UserError(f"backend options ({', '.join(options)}) need a named backend, not auto")
+    check_onnxruntime_builds()
+    skipped: list[dict] = []
+    for candidate in AUTO_ORDER:
+        cls = backend_class(candidate)
+        ok, why = cls.available()
+        if ok and not cls.runs(path):
+            ok, why = False, f"runs {' and '.join(cls.suffixes)} files"
+        if not ok:
+            skipped.append({"backend": candidate, "why": why})
+            continue
+        try:
+            return cls(path).load(), skipped
+        except BackendUnavailable as e:
+            skipped.append({"backend": candidate, "why": str(e)})
+    reasons = "; ".join(f"{s['backend']}: {s['why']}" for s in skipped)
+    raise BackendUnavailable(f"no backend can run {path} here: {reasons}")

@@ -1,27 +1,37 @@
 """The backend lifecycle every runtime backend shares (Polygraphy-runner style).
 
-    backend = OrtCpu("model.onnx", threads=2)   # cheap: stores settings only
+    backend = OrtCpu("model.onnx", threads=2)   # cheap: parses and checks the options
     ok, why = backend.available()               # is the package/device here? if not, why
     backend.load()                              # builds/compiles; may be slow
     logits = backend.run(batch)                 # float32 [N, C, H, W] -> float32 [N, K]
-    backend.close()
+    backend.close()                             # idempotent
 
 or ``with OrtCpu(path) as b: b.run(x)`` (load on enter, close on exit).
-:meth:`Backend.run` checks the batch (dtype, rank, channels, spatial size,
-non-empty) against the model's declared input before handing it to the
-backend, so a wrong input is a clear UserError, never a backend traceback.
+
+Each backend declares its options once, as a dataclass ``Options`` of typed
+fields (:mod:`.options`); the constructor parses what it is given into
+``self.options`` or raises a one-line UserError. :meth:`Backend.run` checks
+the batch (type, dtype, rank, channels, spatial size, non-empty) against the
+model's declared input before the backend sees it. What a backend can do
+beyond ``run`` is declared, not probed: :class:`DeviceResident` for backends
+that keep a batch on the device (the bench's compute-only timing), and
+:attr:`Backend.single_batch_size` for instances that run one batch size only.
 Heavy libraries are imported inside each backend's methods, never at module
 level: ``convforge.runtime`` imports without torch, onnxruntime or TensorRT.
 """
 
 from __future__ import annotations
 
+import abc
+from pathlib import Path
+
 import numpy as np
 
 from convforge.contract import InputSpec
 from convforge.errors import UserError
+from convforge.runtime.backends.options import NoOptions, parse_options
 
-__all__ = ["Backend", "BackendUnavailable", "InputSpec", "check_batch"]
+__all__ = ["Backend", "BackendUnavailable", "DeviceResident", "InputSpec", "check_batch"]
 
 
 class BackendUnavailable(UserError):
@@ -29,13 +39,16 @@ class BackendUnavailable(UserError):
 
 
 class Backend:
-    """Base class: subclasses set ``name`` and implement the ``_``-prefixed hooks."""
+    """Base class: subclasses set ``name`` and ``Options`` and implement the ``_`` hooks."""
 
     name: str = "base"  # the name used in the CLI and in JSON records, e.g. "ort-cpu"
+    Options: type = NoOptions  # a frozen dataclass of setting() fields (see .options)
+    device_resident: bool = False  # True: stage/run_device_resident/fetch (DeviceResident)
+    suffixes: tuple[str, ...] = (".onnx",)  # the files it runs
 
     def __init__(self, path: str, **options) -> None:
         self.path = str(path)
-        self.options = options
+        self.options = parse_options(self.Options, options, self.name)
         self.spec: InputSpec | None = None  # set by load()
         self.precision: str = "fp32"  # the precision that actually runs (set by load)
         self._loaded = False
@@ -47,12 +60,38 @@ class Backend:
         """(True, "") when this backend can run on this machine, else (False, why not)."""
         raise NotImplementedError
 
+    @classmethod
+    def runs(cls, path: str) -> bool:
+        """Whether this backend runs files like ``path`` (by suffix: .onnx, .pt2)."""
+        return Path(path).suffix in cls.suffixes
+
+    @property
+    def input_dtypes(self) -> tuple[type, ...]:
+        """The numpy dtypes :meth:`run` takes (float32; a half-precision engine may take
+        float16 too, halving the host-to-device copy)."""
+        return (np.float32,)
+
+    @property
+    def single_batch_size(self) -> bool:
+        """True when a loaded instance runs one batch size only (e.g. a captured CUDA graph):
+        whoever runs several sizes needs one instance per size."""
+        return False
+
     def load(self) -> Backend:
-        """Build the engine/session (may be slow). Raises BackendUnavailable if it cannot run."""
+        """Build the engine/session (may be slow). Raises BackendUnavailable if it cannot run;
+        a failed load releases whatever it had acquired."""
         ok, why = self.available()
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
-        self.spec = self._load()
+        if not self.runs(self.path):
+            raise UserError(
+                f"{self.name} runs {' and '.join(self.suffixes)} files, got {self.path}"
+            )
+        try:
+            self.spec = self._load()
+        except BaseException:
+            self._close()
+            raise
         self._loaded = True
         return self
 
@@ -60,10 +99,15 @@ class Backend:
         """Logits (float32 [N, K]) for ``batch`` (float32 [N, C, H, W], preprocessed)."""
         if not self._loaded:
             raise RuntimeError(f"{self.name}: call load() before run()")
-        check_batch(batch, self.spec)
+        self.check(batch)
         return self._run(np.ascontiguousarray(batch))
 
+    def check(self, batch) -> None:
+        """UserError naming what is wrong when ``batch`` does not fit the loaded model."""
+        check_batch(batch, self.spec, self.input_dtypes)
+
     def close(self) -> None:
+        """Release the engine/session; calling it again (or before load) does nothing."""
         if self._loaded:
             self._close()
         self._loaded = False
@@ -90,12 +134,37 @@ class Backend:
         pass
 
 
-def check_batch(batch, spec: InputSpec) -> None:
-    """UserError naming what is wrong when ``batch`` does not fit ``spec``."""
+class DeviceResident(abc.ABC):
+    """A backend that can keep a batch on its device, for compute-only timing.
+
+    Mixed into a Backend it sets ``device_resident``, which the bench reads (a
+    backend that is device-resident only on some devices overrides it).
+
+    :meth:`stage` copies a batch to the device once; :meth:`run_device_resident`
+    then runs on it with no host<->device copies (launch, device compute and
+    the synchronization that ends the run); :meth:`fetch` copies the logits
+    of the last run to the host.
+    """
+
+    device_resident = True
+
+    @abc.abstractmethod
+    def stage(self, batch: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def run_device_resident(self) -> None: ...
+
+    @abc.abstractmethod
+    def fetch(self) -> np.ndarray: ...
+
+
+def check_batch(batch, spec: InputSpec, dtypes=(np.float32,)) -> None:
+    """UserError naming what is wrong when ``batch`` does not fit ``spec`` and ``dtypes``."""
     if not isinstance(batch, np.ndarray):
         raise UserError(f"input must be a numpy array, got {type(batch).__name__}")
-    if batch.dtype != np.float32:
-        raise UserError(f"input must be float32, got {batch.dtype}")
+    if batch.dtype not in dtypes:
+        accepted = " or ".join(np.dtype(d).name for d in dtypes)
+        raise UserError(f"input must be {accepted}, got {batch.dtype}")
     expected = f"[N, {spec.channels}, {spec.height}, {spec.width}]"
     if batch.ndim != 4:
         raise UserError(f"input must be a 4-D batch {expected}, got shape {list(batch.shape)}")

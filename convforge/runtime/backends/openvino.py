@@ -2,16 +2,13 @@
 
     backend = OpenVino("model.onnx", hint="LATENCY", precision=None, threads=None)
 
-Options:
-
-* ``hint``: ``"LATENCY"`` (default) or ``"THROUGHPUT"`` (OpenVINO's PERFORMANCE_HINT:
-  one stream using every core, or several streams for batched/parallel work).
-* ``precision``: ``"f32"``, ``"bf16"`` or ``None`` (INFERENCE_PRECISION_HINT). ``None``
-  lets OpenVINO choose: bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), else f32.
-  A request the CPU cannot honour (bf16 without hardware support) is downgraded by
-  OpenVINO; the precision that actually runs is read back from the compiled model and
-  is what :attr:`precision` and :meth:`describe` report, never the request.
-* ``threads``: INFERENCE_NUM_THREADS (``None``: OpenVINO's default).
+Options (:class:`OpenVino.Options`): ``hint`` is OpenVINO's PERFORMANCE_HINT (LATENCY:
+one stream using every core; THROUGHPUT: several streams for batched/parallel work).
+``precision`` is INFERENCE_PRECISION_HINT; unset, OpenVINO chooses: bf16 on CPUs with
+native bf16 (AVX512-BF16 / AMX), else f32. A request the CPU cannot honour (bf16
+without hardware support) is downgraded by OpenVINO; the precision that actually runs
+is read back from the compiled model and is what :attr:`precision` and
+:meth:`describe` report, never the request. ``threads`` is INFERENCE_NUM_THREADS.
 
 An int8 (QDQ) export runs its quantized ops in int8; it reports ``"int8"`` when the
 ONNX metadata says so. openvino is imported inside the methods only.
@@ -19,14 +16,16 @@ ONNX metadata says so. openvino is imported inside the methods only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from convforge.errors import UserError, check_choice, check_int
+from convforge.errors import UserError
 from convforge.runtime.backends.base import Backend, InputSpec
+from convforge.settings import setting
 
 HINTS = ("LATENCY", "THROUGHPUT")
 PRECISIONS = ("f32", "bf16")
-_OPTIONS = ("hint", "precision", "threads")
 # OpenVINO element type name -> convforge precision name
 _PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
@@ -34,21 +33,19 @@ _PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 class OpenVino(Backend):
     name = "openvino"
 
+    @dataclass(frozen=True)
+    class Options:
+        hint: str = setting("LATENCY", "OpenVINO's performance hint", choices=HINTS)
+        precision: str | None = setting(
+            None, "inference precision; default: OpenVINO's choice for this CPU", choices=PRECISIONS
+        )
+        threads: int | None = setting(None, "inference threads; default: OpenVINO's", minimum=1)
+
     def __init__(self, path: str, **options) -> None:
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise UserError(
-                f"unknown option(s) for backend 'openvino': {', '.join(unknown)}; "
-                f"accepted: {', '.join(_OPTIONS)}"
-            )
         super().__init__(path, **options)
-        self.hint = check_choice("openvino hint", str(options.get("hint", "LATENCY")), HINTS)
-        precision = options.get("precision")
-        if precision is not None:
-            check_choice("openvino precision", precision, PRECISIONS)
-        self.requested_precision = precision
-        threads = options.get("threads")
-        self.threads = None if threads is None else check_int("openvino threads", threads)
+        self.hint = self.options.hint
+        self.requested_precision = self.options.precision
+        self.threads = self.options.threads
         self._compiled = None
         self._request = None
         self._settings: dict = {}

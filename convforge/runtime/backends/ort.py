@@ -7,8 +7,16 @@ int8 export keeps float32 I/O, so every backend takes and returns float32.
 
 GPU backends never fall back to the CPU: when the requested execution provider
 is not in the session after creation (onnxruntime-gpu lists CUDA/TensorRT even
-when their libraries fail to load, and then silently drops them), ``load()``
-raises :class:`BackendUnavailable` naming what is missing.
+when their libraries fail to load; ``InferenceSession`` then prints "EP Error"
+and silently retries on the next providers), ``load()`` raises
+:class:`BackendUnavailable` naming what is missing, so ``auto`` moves on.
+
+``ort-trt`` keeps one engine-cache folder per ONNX file content (its sha256):
+ONNX Runtime names a cached engine from the graph's node and tensor names and
+version numbers, never from the weights, so two exports of one architecture
+would otherwise share an engine and a retrained model would silently run the
+old weights. It refuses an int8 file whose Q/DQ is not symmetric int8 (the
+``cpu`` export target): TensorRT's parser rejects non-zero zero points.
 
 onnxruntime is imported inside methods only, so ``convforge.runtime`` imports
 without it.
@@ -17,21 +25,28 @@ without it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import INPUT_NAME
-from convforge.errors import UserError, check_choice, check_int
+from convforge.contract import INPUT_NAME, read_info, sha256_of
+from convforge.errors import UserError
 from convforge.extras import install_hint
-from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
+from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
+from convforge.runtime.backends.options import BatchProfile
+from convforge.runtime.backends.tensorrt import refuse_asymmetric_int8
+from convforge.settings import setting
 
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
 CONV_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-NO_CUDA = "onnxruntime has no CUDA execution provider (install onnxruntime-gpu and a CUDA GPU)"
+NO_CUDA = (
+    "onnxruntime has no CUDA execution provider (it needs a CUDA GPU and the "
+    "onnxruntime-gpu build: pip install 'convforge[gpu]')"
+)
 NO_TRT = (
-    "onnxruntime has no TensorRT execution provider "
-    "(install onnxruntime-gpu with TensorRT libraries and a CUDA GPU)"
+    "onnxruntime has no TensorRT execution provider (it needs a CUDA GPU, the "
+    "onnxruntime-gpu build and TensorRT: pip install 'convforge[gpu,tensorrt]')"
 )
 DEFAULT_TRT_CACHE = "~/.cache/convforge/ort-trt"
 
@@ -82,22 +97,10 @@ def physical_cores() -> tuple[int, str]:
     return max(1, os.cpu_count() or 1), "os.cpu_count() (logical; topology unknown)"
 
 
-def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise UserError(
-            f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(allowed)}"
-        )
-
-
-def _read_spec(backend: Backend) -> InputSpec:
-    from convforge.contract import read_info
-
-    if Path(backend.path).suffix != ".onnx":
-        raise UserError(f"{backend.name} runs .onnx files, got {backend.path}")
+def _read_info(backend: Backend):
     info = read_info(backend.path)
     backend.precision = info.precision
-    return info.spec
+    return info
 
 
 def _session(backend: Backend, sess_options, providers, required: str | None):
@@ -124,28 +127,27 @@ def _session(backend: Backend, sess_options, providers, required: str | None):
 
 
 class OrtCpu(Backend):
-    """ONNX Runtime on the CPU execution provider.
-
-    Options: ``threads`` (intra-op threads; default the physical cores we may
-    use), ``graph_optimization`` ("all" default, "extended", "basic",
-    "disabled"). Execution is sequential (one inter-op thread).
-    """
+    """ONNX Runtime on the CPU execution provider; execution is sequential (one inter-op
+    thread), intra-op threads default to the physical cores this process may use."""
 
     name = "ort-cpu"
-    OPTIONS = ("threads", "graph_optimization")
+
+    @dataclass(frozen=True)
+    class Options:
+        threads: int | None = setting(
+            None, "intra-op threads; default: the physical cores this process may use", minimum=1
+        )
+        graph_optimization: str = setting(
+            "all", "ONNX Runtime graph optimizations", choices=GRAPH_OPTIMIZATIONS
+        )
 
     def __init__(self, path: str, **options) -> None:
-        _check_options(self.name, options, self.OPTIONS)
         super().__init__(path, **options)
-        if "threads" in options:
-            self.threads = check_int(f"{self.name} option threads", options["threads"])
-            self.threads_source = "option"
+        if self.options.threads is not None:
+            self.threads, self.threads_source = self.options.threads, "option"
         else:
             self.threads, self.threads_source = physical_cores()
-        self.graph_optimization = check_choice(
-            "graph optimization level", options.get("graph_optimization", "all"),
-            GRAPH_OPTIMIZATIONS,
-        )  # fmt: skip
+        self.graph_optimization = self.options.graph_optimization
         self.session = None
 
     @classmethod
@@ -169,10 +171,10 @@ class OrtCpu(Backend):
         return so
 
     def _load(self) -> InputSpec:
-        spec = _read_spec(self)
+        info = _read_info(self)
         self.session = _session(self, self.session_options(), ["CPUExecutionProvider"], None)
         self._output = self.session.get_outputs()[0].name
-        return spec
+        return info.spec
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self._output], {INPUT_NAME: batch})
@@ -195,7 +197,7 @@ class OrtCpu(Backend):
         return d
 
 
-class _OrtGpu(Backend):
+class _OrtGpu(Backend, DeviceResident):
     """IO-binding runner shared by the CUDA and TensorRT backends.
 
     Inputs and outputs live on the GPU as OrtValues bound to the session:
@@ -214,10 +216,10 @@ class _OrtGpu(Backend):
 
     provider = ""
     missing = ""
-    device_id = 0
 
     def __init__(self, path: str, **options) -> None:
         super().__init__(path, **options)
+        self.device_id = self.options.device_id
         self.session = None
         self._buffers: dict[int, tuple] = {}  # batch size -> (input, output OrtValue)
         self._binding = None
@@ -239,7 +241,7 @@ class _OrtGpu(Backend):
         return so
 
     def _load(self) -> InputSpec:
-        spec = _read_spec(self)
+        spec = self._check_file(_read_info(self))
         self.session = _session(self, self._session_options(), self._providers(), self.provider)
         out = self.session.get_outputs()[0]
         self._output = out.name
@@ -250,6 +252,10 @@ class _OrtGpu(Backend):
         self._staged = None
         return spec
 
+    def _check_file(self, info) -> InputSpec:
+        """Hook: refuse a file this provider cannot run (BackendUnavailable); the input spec."""
+        return info.spec
+
     def _check_batch_size(self, n: int) -> None:
         """Hook: subclasses reject batch sizes they cannot run (UserError)."""
 
@@ -257,11 +263,9 @@ class _OrtGpu(Backend):
         """Copy ``batch`` to the GPU and bind input and output buffers for it."""
         import onnxruntime as ort
 
-        from convforge.runtime.backends.base import check_batch
-
         if not self._loaded:
             raise RuntimeError(f"{self.name}: call load() before stage()")
-        check_batch(batch, self.spec)
+        self.check(batch)
         batch = np.ascontiguousarray(batch)
         n = batch.shape[0]
         self._check_batch_size(n)
@@ -327,33 +331,47 @@ class _OrtGpu(Backend):
 class OrtCuda(_OrtGpu):
     """ONNX Runtime on the CUDA execution provider only, with IO binding.
 
-    Options: ``cuda_graph`` (False; True captures the whole run in a CUDA graph
-    on the first call and replays it after: the batch size is then FIXED to the
-    first one run, another size is a UserError; every run must reuse the same
-    device buffers, which :meth:`stage` does), ``cudnn_conv_algo_search``
-    ("EXHAUSTIVE" default, "HEURISTIC", "DEFAULT"), ``device_id`` (0).
+    With ``cuda_graph`` the whole run is captured in a CUDA graph on the first
+    call and replayed after: an instance then runs ONE batch size (the first it
+    ran; another is a UserError) and every run reuses the same device buffers,
+    which :meth:`stage` does. :attr:`single_batch_size` says so, and the bench
+    loads one instance per batch size.
     """
 
     name = "ort-cuda"
     provider = "CUDAExecutionProvider"
     missing = NO_CUDA
-    OPTIONS = ("cuda_graph", "cudnn_conv_algo_search", "device_id")
+
+    @dataclass(frozen=True)
+    class Options:
+        cuda_graph: bool = setting(False, "capture and replay a CUDA graph (one batch size)")
+        cudnn_conv_algo_search: str = setting(
+            "EXHAUSTIVE", "cuDNN convolution algorithm search", choices=CONV_ALGO_SEARCHES
+        )
+        device_id: int = setting(0, "CUDA device", minimum=0)
+        tf32: bool = setting(False, "let fp32 convolutions use TF32 (ONNX Runtime's default)")
 
     def __init__(self, path: str, **options) -> None:
-        _check_options(self.name, options, self.OPTIONS)
         super().__init__(path, **options)
-        self.cuda_graph = bool(options.get("cuda_graph", False))
-        self.conv_algo = check_choice(
-            "cudnn_conv_algo_search", options.get("cudnn_conv_algo_search", "EXHAUSTIVE"),
-            CONV_ALGO_SEARCHES,
-        )  # fmt: skip
-        self.device_id = int(options.get("device_id", 0))
+        self.cuda_graph = self.options.cuda_graph
+        self.conv_algo = self.options.cudnn_conv_algo_search
+
+    @property
+    def single_batch_size(self) -> bool:
+        return self.cuda_graph
+
+    def _check_file(self, info) -> InputSpec:
+        if self.options.tf32 and info.precision == "fp32":
+            self.precision = "tf32"
+        return info.spec
 
     def provider_options(self) -> dict:
         return {
             "device_id": str(self.device_id),
             "cudnn_conv_algo_search": self.conv_algo,
             "enable_cuda_graph": "1" if self.cuda_graph else "0",
+            # ONNX Runtime's use_tf32 defaults to 1; off, fp32 means fp32.
+            "use_tf32": "1" if self.options.tf32 else "0",
         }
 
     def _providers(self) -> list:
@@ -369,42 +387,40 @@ class OrtCuda(_OrtGpu):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(cuda_graph=self.cuda_graph, cudnn_conv_algo_search=self.conv_algo)
+        d.update(
+            cuda_graph=self.cuda_graph,
+            cudnn_conv_algo_search=self.conv_algo,
+            tf32=self.options.tf32,
+        )
         return d
 
 
 class OrtTensorRT(_OrtGpu):
     """ONNX Runtime on the TensorRT execution provider (CUDA EP second, for leftovers).
 
-    Options: ``min_batch`` (1), ``opt_batch`` (max_batch), ``max_batch`` (32)
-    give the TensorRT optimisation profile for ``input``; a batch outside
-    [min_batch, max_batch] is a UserError. ``cache_dir``
-    (``~/.cache/convforge/ort-trt``) holds the engine and timing caches.
-    ``device_id`` (0). FP16 (or INT8, for a QDQ export) is enabled only when
-    the ONNX file's own precision metadata says so: the precision comes from
-    the file, never from an option.
+    The TensorRT optimisation profile for ``input`` is the shared
+    :class:`~.options.BatchProfile`; a batch outside [min_batch, max_batch] is
+    a UserError. Engines are cached under ``cache_dir/<sha256 of the file>/``
+    (see the module docstring); the timing cache, which is per GPU and
+    TensorRT version rather than per model, is shared in ``cache_dir``. FP16
+    (or INT8, for a symmetric QDQ export) is enabled only when the file's own
+    precision says so: the precision comes from the file, never from an option.
     """
 
     name = "ort-trt"
     provider = "TensorrtExecutionProvider"
     missing = NO_TRT
-    OPTIONS = ("min_batch", "opt_batch", "max_batch", "cache_dir", "device_id")
+
+    @dataclass(frozen=True)
+    class Options(BatchProfile):
+        cache_dir: str = setting(DEFAULT_TRT_CACHE, "engine and timing caches")
+        device_id: int = setting(0, "CUDA device", minimum=0)
 
     def __init__(self, path: str, **options) -> None:
-        _check_options(self.name, options, self.OPTIONS)
         super().__init__(path, **options)
-        self.min_batch = check_int(f"{self.name} option min_batch", options.get("min_batch", 1))
-        self.max_batch = check_int(f"{self.name} option max_batch", options.get("max_batch", 32))
-        self.opt_batch = check_int(
-            f"{self.name} option opt_batch", options.get("opt_batch", self.max_batch)
-        )
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise UserError(
-                f"{self.name}: need min_batch <= opt_batch <= max_batch, got "
-                f"{self.min_batch}, {self.opt_batch}, {self.max_batch}"
-            )
-        self.cache_dir = str(Path(options.get("cache_dir", DEFAULT_TRT_CACHE)).expanduser())
-        self.device_id = int(options.get("device_id", 0))
+        self.min_batch, self.opt_batch, self.max_batch = self.options.profile(self.name)
+        self.cache_dir = str(Path(self.options.cache_dir).expanduser())
+        self.engine_cache: str | None = None  # cache_dir/<sha256 of the ONNX file>, set by load
 
     def provider_options(self) -> dict:
         if self.spec is None:
@@ -417,7 +433,7 @@ class OrtTensorRT(_OrtGpu):
         return {
             "device_id": str(self.device_id),
             "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": self.cache_dir,
+            "trt_engine_cache_path": self.engine_cache,
             "trt_timing_cache_enable": "True",
             "trt_timing_cache_path": self.cache_dir,
             "trt_fp16_enable": "True" if self.precision == "fp16" else "False",
@@ -433,11 +449,13 @@ class OrtTensorRT(_OrtGpu):
             ("CUDAExecutionProvider", {"device_id": str(self.device_id)}),
         ]
 
-    def _load(self) -> InputSpec:
-        # provider_options() needs the spec before the session exists.
-        self.spec = _read_spec(self)
-        os.makedirs(self.cache_dir, exist_ok=True)
-        return super()._load()
+    def _check_file(self, info) -> InputSpec:
+        refuse_asymmetric_int8(self.name, info)
+        # provider_options() needs the spec and the cache folder before the session exists.
+        self.spec = info.spec
+        self.engine_cache = engine_cache_dir(self.cache_dir, self.path)
+        os.makedirs(self.engine_cache, exist_ok=True)
+        return info.spec
 
     def _check_batch_size(self, n: int) -> None:
         if not self.min_batch <= n <= self.max_batch:
@@ -453,7 +471,13 @@ class OrtTensorRT(_OrtGpu):
             opt_batch=self.opt_batch,
             max_batch=self.max_batch,
             cache_dir=self.cache_dir,
+            engine_cache=self.engine_cache,
             fp16=self.precision == "fp16",
             int8=self.precision == "int8",
         )
         return d
+
+
+def engine_cache_dir(cache_dir: str, path: str) -> str:
+    """``cache_dir/<sha256 of the file at path>``: one engine folder per model content."""
+    return str(Path(cache_dir) / sha256_of(path))

@@ -1,47 +1,89 @@
-"""TensorRT backend: ONNX -> serialized engine (cached on disk) -> execute_async_v3.
+"""TensorRT backend: ONNX -> serialized engine (cached on disk) -> execute_async_v3, no torch.
 
     with TensorRT("model.fp16.onnx", max_batch=32) as b:
-        logits = b.run(batch)            # end to end: host -> GPU -> host
-        out = b.run_device(gpu_batch)    # benchmark path: torch CUDA tensor in, CUDA tensor out
+        logits = b.run(batch)             # end to end: host -> GPU -> host
+        b.stage(batch); b.run_device_resident(); b.fetch()   # compute-only timing
+        out = b.run_device(cuda_tensor)   # a torch CUDA tensor in, zero-copy (torch optional)
 
 Build (TensorRT 10.x and 11.x Python API): ``trt.Builder`` -> ``create_network`` ->
 ``trt.OnnxParser.parse_from_file`` -> one optimization profile over the batch range of
-input ``input`` (``min_batch`` 1, ``opt_batch`` 8, ``max_batch`` 32; C, H, W from the
-file's metadata) -> ``create_builder_config`` with a timing cache kept in the cache dir ->
+input ``input`` (the shared :class:`~.options.BatchProfile`; C, H, W from the file) ->
+``create_builder_config`` with a timing cache kept in the cache dir ->
 ``build_serialized_network`` -> ``trt.Runtime(logger).deserialize_cuda_engine``.
 
 Precision comes from the ONNX itself (fp16 tensors, or Q/DQ int8 from ``convforge
-export``), never from builder flags: TensorRT 11 removed ``BuilderFlag.FP16``/``INT8``
-and always builds strongly typed networks. On 10.x the network is created with
-``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (present since 9.x), so TensorRT keeps
-the ONNX types exactly as exported and 10.x and 11.x build the same thing; on 11.x the
-flag is deprecated and ignored, so none is passed. ``EXPLICIT_BATCH`` is ignored since
-10.0 (networks are always explicit batch) and is only passed to older versions that
-expose it without strong typing, which this backend does not otherwise support.
+export --int8-target tensorrt``), never from builder flags: TensorRT 11 removed
+``BuilderFlag.FP16``/``INT8`` and always builds strongly typed networks, and TensorRT's
+explicit-quantization guide says precision flags "should not be specified" with strong
+typing. On 10.x the network is created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
+(present since 9.x); on 11.x the flag is deprecated and ignored, so none is passed.
+An int8 file whose Q/DQ is not symmetric int8 (the ``cpu`` export target: uint8
+activations with zero points) is refused before the build: TensorRT's parser rejects
+non-zero zero points.
 
-Engines are cached under ``~/.cache/convforge/tensorrt/`` (option ``cache_dir``), keyed by
-:func:`engine_cache_key` (sha256 of the ONNX bytes, GPU name, TensorRT version, profile)
-and written atomically. Buffers and the stream are torch CUDA objects; TensorRT and torch
-are imported only inside methods.
+Checked at every step, since TensorRT reports failure by return value, not exception:
+``set_input_shape``, ``set_tensor_address``, ``set_timing_cache`` and ``execute_async_v3``
+return False on failure and are checked. An unreadable timing cache is discarded with a
+warning and rebuilt. Tensor addresses must be device memory with at least 256-byte
+alignment (``IExecutionContext::setTensorAddress``): this backend's own buffers come from
+``cudaMalloc``; a caller's torch tensor is checked before binding. One ``trt.Logger``
+serves the whole process (TensorRT keeps one logger pointer; a second one makes it log
+that the loggers differ).
+
+Device memory and the stream come from cuda-python (``cuda.bindings.runtime``, or
+``cuda.cudart`` before cuda-python 12.6.1), which the ``tensorrt`` extra installs:
+torch is not needed. Engines are cached under ``~/.cache/convforge/tensorrt/`` (option
+``cache_dir``), keyed by :func:`engine_cache_key` (sha256 of the ONNX bytes, GPU name,
+TensorRT version, profile) and written atomically. TensorRT and cuda-python are imported
+only inside functions.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import INPUT_NAME
+from convforge.contract import INPUT_NAME, ModelInfo, read_info
 from convforge.errors import UserError
-from convforge.runtime.backends.base import Backend, InputSpec
+from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
+from convforge.runtime.backends.options import BatchProfile
+from convforge.settings import setting
 
 INSTALL_HINT = (
     "tensorrt is not installed: pip install 'convforge[tensorrt]' on a machine with an NVIDIA GPU"
 )
-DEFAULT_CACHE_DIR = Path("~/.cache/convforge/tensorrt")
-DEFAULTS = {"min_batch": 1, "opt_batch": 8, "max_batch": 32}
+DEFAULT_CACHE_DIR = "~/.cache/convforge/tensorrt"
+ALIGNMENT = 256  # bytes: the minimum alignment TensorRT requires of a tensor address
+
+
+def refuse_asymmetric_int8(backend: str, info: ModelInfo) -> None:
+    """BackendUnavailable when ``info`` is an int8 file TensorRT's parser would reject.
+
+    TensorRT quantizes symmetrically: every Q/DQ zero point must be an int8 zero.
+    convforge's ``--int8-target cpu`` export (uint8 activations with zero points,
+    ONNX Runtime's fast CPU scheme) is not; ``--int8-target tensorrt`` is.
+    """
+    if info.precision != "int8":
+        return
+    asymmetric = info.int8_symmetric is False or (
+        info.int8_symmetric is None and info.int8_target == "cpu"
+    )
+    if asymmetric:
+        what = (
+            "an int8 export for the cpu target (uint8 activations with zero points)"
+            if info.int8_target == "cpu"
+            else "int8 with non-zero or uint8 zero points"
+        )
+        raise BackendUnavailable(
+            f"{backend} cannot run {Path(info.path).name}: it is {what}, which TensorRT "
+            "rejects (symmetric int8 only); re-export with --int8-target tensorrt"
+        )
 
 
 def engine_cache_key(
@@ -53,19 +95,6 @@ def engine_cache_key(
     for part in (gpu_name, trt_version, "x".join(str(int(b)) for b in profile)):
         h.update(b"\0" + part.encode())
     return h.hexdigest()
-
-
-def profile_from_options(options: dict) -> tuple[int, int, int]:
-    """(min, opt, max) batch from the options; UserError unless 1 <= min <= opt <= max."""
-    lo, opt, hi = (
-        int(options.get(k, DEFAULTS[k])) for k in ("min_batch", "opt_batch", "max_batch")
-    )
-    if not 1 <= lo <= opt <= hi:
-        raise UserError(
-            f"tensorrt profile needs 1 <= min_batch <= opt_batch <= max_batch, "
-            f"got min_batch={lo}, opt_batch={opt}, max_batch={hi}"
-        )
-    return lo, opt, hi
 
 
 def _major(version: str) -> int:
@@ -88,25 +117,104 @@ def network_flags(trt) -> int:
     return 0
 
 
-class TensorRT(Backend):
+@functools.cache
+def logger():
+    """The process's one ``trt.Logger`` (WARNING): every Builder and Runtime gets this one."""
+    import tensorrt as trt
+
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def cudart():
+    """cuda-python's runtime API module (``cuda.bindings.runtime``; ``cuda.cudart`` before
+    12.6.1, when the bindings moved; 13.x has only the new path)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        from cuda import cudart as runtime
+    return runtime
+
+
+def cuda_call(rt, result, what: str):
+    """The value of a cuda-python call's ``(error, value...)`` tuple; RuntimeError on error."""
+    err, *values = result
+    if err != rt.cudaError_t.cudaSuccess:
+        name = rt.cudaGetErrorName(err)[1]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        raise RuntimeError(f"CUDA {what} failed: {name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def bind(context, name: str, address: int) -> None:
+    """``set_tensor_address`` for ``name``; RuntimeError if TensorRT refuses it."""
+    if address % ALIGNMENT:
+        raise UserError(
+            f"tensor {name!r} at address {address:#x} is not {ALIGNMENT}-byte aligned, as "
+            "TensorRT requires; pass a tensor that starts its own allocation"
+        )
+    if not context.set_tensor_address(name, address):
+        raise RuntimeError(f"TensorRT refused the address of tensor {name!r} (see its log)")
+
+
+def set_shape(context, shape: tuple[int, ...]) -> None:
+    """``set_input_shape`` for the model input; UserError if TensorRT rejects the shape."""
+    if not context.set_input_shape(INPUT_NAME, tuple(int(d) for d in shape)):
+        raise UserError(f"TensorRT rejected input shape {list(shape)} (see its log)")
+
+
+def timing_cache(config, path: Path):
+    """A timing cache for ``config`` from ``path``, set on it; an unreadable one is
+    discarded with a warning and a fresh one used (the build then re-times its layers)."""
+    blob = path.read_bytes() if path.is_file() else b""
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+        except Exception:  # noqa: BLE001 (TensorRT raises various types for a corrupt blob)
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        warnings.warn(
+            f"discarding the unreadable TensorRT timing cache {path}; it is rebuilt",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused a new, empty timing cache (see its log)")
+    return cache
+
+
+class TensorRT(Backend, DeviceResident):
     name = "tensorrt"
+
+    @dataclass(frozen=True)
+    class Options(BatchProfile):
+        cache_dir: str = setting(DEFAULT_CACHE_DIR, "engine and timing caches")
+        device_id: int = setting(0, "CUDA device", minimum=0)
+        tf32: bool = setting(False, "let fp32 layers use TF32 (TensorRT's default; off: fp32)")
 
     def __init__(self, path: str, **options) -> None:
         super().__init__(path, **options)
-        self.profile = profile_from_options(options)
-        self.cache_dir = Path(options.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser()
+        self.profile = self.options.profile(self.name)
+        self.cache_dir = Path(self.options.cache_dir).expanduser()
+        self.device_id = self.options.device_id
         self.engine_path: Path | None = None
         self.cache_hit: bool | None = None
         self.build_seconds: float | None = None
         self.trt_version: str | None = None
         self.gpu_name: str | None = None
+        self._rt = None  # cuda-python runtime module
         self._runtime = None
         self._engine = None
         self._context = None
         self._stream = None
         self._output_name: str | None = None
-        self._torch = None
-        self._staged = None  # a CUDA tensor, set by stage()
+        self._dtypes: tuple[np.dtype, np.dtype] | None = None  # input, output
+        self._buffers: dict[int, tuple[int, int, tuple[int, ...]]] = {}  # n -> in, out, shape
+        self._bound: int | None = None  # batch size the context's shape and addresses are for
+        self._staged: int | None = None
 
     # -- availability ----------------------------------------------------------------------
 
@@ -117,33 +225,41 @@ class TensorRT(Backend):
         except Exception:  # ImportError, or a broken install failing to load its libraries
             return False, INSTALL_HINT
         try:
-            import torch
+            rt = cudart()
         except ImportError:
-            return False, "no CUDA device: torch is not installed (buffers are torch CUDA tensors)"
-        if not torch.cuda.is_available():
-            why = "torch has no CUDA support" if torch.version.cuda is None else "none visible"
-            return False, f"no CUDA device: torch.cuda.is_available() is False ({why})"
+            return False, "cuda-python is not installed: pip install 'convforge[tensorrt]'"
+        try:
+            count = cuda_call(rt, rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        except RuntimeError as e:
+            return False, f"no CUDA device: {e}"
+        if not count:
+            return False, "no CUDA device: cudaGetDeviceCount() is 0"
         return True, ""
 
     # -- build / load ----------------------------------------------------------------------
 
     def _load(self) -> InputSpec:
         import tensorrt as trt
-        import torch
 
-        from convforge.contract import read_info
         from convforge.files import atomic_write, ensure_dir
 
         info = read_info(self.path)
-        self.precision = info.precision
-        spec = info.spec
-        self._torch = torch
+        refuse_asymmetric_int8(self.name, info)
+        tf32 = self.options.tf32 and info.precision == "fp32"
+        self.precision = "tf32" if tf32 else info.precision
+        rt = self._rt = cudart()
+        cuda_call(rt, rt.cudaSetDevice(self.device_id), "cudaSetDevice")
+        props = cuda_call(rt, rt.cudaGetDeviceProperties(self.device_id), "device properties")
+        name = props.name
+        self.gpu_name = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\0")
         self.trt_version = trt.__version__
-        self.gpu_name = torch.cuda.get_device_name()
-        logger = trt.Logger(trt.Logger.WARNING)
 
-        onnx_bytes = Path(self.path).read_bytes()
-        key = engine_cache_key(onnx_bytes, self.gpu_name, self.trt_version, self.profile)
+        key = engine_cache_key(
+            Path(self.path).read_bytes(),
+            self.gpu_name,
+            f"{self.trt_version}{'+tf32' if self.options.tf32 else ''}",
+            self.profile,
+        )
         ensure_dir(self.cache_dir)
         self.engine_path = self.cache_dir / f"{key}.engine"
         if self.engine_path.is_file():
@@ -151,38 +267,44 @@ class TensorRT(Backend):
             self.cache_hit = True
         else:
             start = time.perf_counter()
-            plan = self._build(trt, logger, spec)
+            plan = self._build(trt, info.spec)
             self.build_seconds = time.perf_counter() - start
             with atomic_write(self.engine_path) as f:
                 f.write(plan)
             self.cache_hit = False
 
-        # keep the runtime alive as long as its engine (TensorRT requires it to outlive it)
-        self._runtime = trt.Runtime(logger)
+        # The runtime must outlive its engine (TensorRT's rule); both are kept until close.
+        self._runtime = trt.Runtime(logger())
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise UserError(
                 f"TensorRT could not deserialize the cached engine {self.engine_path}; "
                 "delete it to rebuild"
             )
-        outputs = [
-            engine.get_tensor_name(i)
-            for i in range(engine.num_io_tensors)
-            if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT
-        ]
-        if len(outputs) != 1:
-            raise UserError(f"{self.path}: expected one output (logits), got {outputs}")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if INPUT_NAME not in names or len(outputs) != 1:
+            raise UserError(
+                f"{self.path}: expected input {INPUT_NAME!r} and one output, got {names}"
+            )
         self._engine = engine
         self._output_name = outputs[0]
+        self._dtypes = tuple(
+            np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in (INPUT_NAME, outputs[0])
+        )
         self._context = engine.create_execution_context()
-        self._stream = torch.cuda.Stream()
-        return spec
+        if self._context is None:
+            raise RuntimeError("TensorRT could not create an execution context (see its log)")
+        self._stream = cuda_call(rt, rt.cudaStreamCreate(), "cudaStreamCreate")
+        return info.spec
 
-    def _build(self, trt, logger, spec: InputSpec) -> bytes:
+    def _build(self, trt, spec: InputSpec) -> bytes:
         """Parse the ONNX and build a serialized engine (bytes) for self.profile."""
-        builder = trt.Builder(logger)
+        from convforge.files import atomic_write
+
+        builder = trt.Builder(logger())
         network = builder.create_network(network_flags(trt))
-        parser = trt.OnnxParser(network, logger)
+        parser = trt.OnnxParser(network, logger())
         if not parser.parse_from_file(str(self.path)):
             errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
             raise UserError(f"TensorRT cannot parse {self.path}: {errors or 'unknown error'}")
@@ -191,6 +313,10 @@ class TensorRT(Backend):
             raise UserError(f"{self.path}: no input named {INPUT_NAME!r} (inputs: {names})")
 
         config = builder.create_builder_config()
+        if not self.options.tf32:
+            # TF32 is on by default and rounds fp32 products to 10-bit mantissas: fp32 here
+            # means fp32 (the torch backend's tf32 option works the same way).
+            config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
         chw = (spec.channels, spec.height, spec.width)
         lo, opt, hi = self.profile
@@ -200,18 +326,13 @@ class TensorRT(Backend):
         # timing caches are per device and TensorRT version (ignore_mismatch=False checks it)
         tag = hashlib.sha256(f"{self.gpu_name}\0{trt.__version__}".encode()).hexdigest()[:16]
         cache_file = self.cache_dir / f"timing-{tag}.cache"
-        blob = cache_file.read_bytes() if cache_file.is_file() else b""
-        timing_cache = config.create_timing_cache(blob)
-        config.set_timing_cache(timing_cache, ignore_mismatch=False)
+        cache = timing_cache(config, cache_file)
 
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise UserError(f"TensorRT failed to build an engine for {self.path} (see its log)")
-
-        from convforge.files import atomic_write
-
         with atomic_write(cache_file) as f:
-            f.write(memoryview(config.get_timing_cache().serialize()))
+            f.write(memoryview(cache.serialize()))
         return bytes(memoryview(serialized))
 
     # -- run -------------------------------------------------------------------------------
@@ -224,60 +345,117 @@ class TensorRT(Backend):
                 f" rebuild with max_batch={n} or send smaller batches"
             )
 
-    def run_device(self, batch):
-        """Compute only: ``batch`` is a float32 torch CUDA tensor [N, C, H, W]; returns the
-        logits as a CUDA tensor, synchronized. No host copies (for the benchmark)."""
-        if not self._loaded:
-            raise RuntimeError(f"{self.name}: call load() before run_device()")
-        torch = self._torch
-        n = int(batch.shape[0])
-        self._check_batch_size(n)
-        batch = batch.contiguous()
-        ctx = self._context
-        if not ctx.set_input_shape(INPUT_NAME, tuple(batch.shape)):
-            raise UserError(f"TensorRT rejected input shape {list(batch.shape)}")
-        out_shape = tuple(ctx.get_tensor_shape(self._output_name))
-        out_dtype = _torch_dtype(torch, self._engine.get_tensor_dtype(self._output_name))
-        out = torch.empty(out_shape, dtype=out_dtype, device=batch.device)
-        ctx.set_tensor_address(INPUT_NAME, batch.data_ptr())
-        ctx.set_tensor_address(self._output_name, out.data_ptr())
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream())  # the input is ready before we read it
-        if not ctx.execute_async_v3(stream.cuda_stream):
+    def _bind_buffers(self, n: int) -> tuple[int, int, tuple[int, ...]]:
+        """Set the input shape for batch ``n`` and bind this backend's device buffers for it
+        (allocated on first use with cudaMalloc, which aligns to 256 bytes or more)."""
+        rt, ctx = self._rt, self._context
+        if n not in self._buffers:
+            set_shape(ctx, (n, self.spec.channels, self.spec.height, self.spec.width))
+            out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
+            in_dtype, out_dtype = self._dtypes
+            in_bytes = n * self.spec.channels * self.spec.height * self.spec.width
+            in_bytes *= in_dtype.itemsize
+            out_bytes = int(np.prod(out_shape)) * out_dtype.itemsize
+            x = cuda_call(rt, rt.cudaMalloc(in_bytes), "cudaMalloc")
+            try:
+                y = cuda_call(rt, rt.cudaMalloc(out_bytes), "cudaMalloc")
+            except RuntimeError:
+                rt.cudaFree(x)
+                raise
+            self._buffers[n] = (x, y, out_shape)
+            self._bound = None
+        x, y, out_shape = self._buffers[n]
+        if self._bound != n:
+            set_shape(ctx, (n, self.spec.channels, self.spec.height, self.spec.width))
+            bind(ctx, INPUT_NAME, x)
+            bind(ctx, self._output_name, y)
+            self._bound = n
+        return x, y, out_shape
+
+    def _enqueue(self) -> None:
+        """Run the bound engine on the stream and wait for it."""
+        if not self._context.execute_async_v3(self._stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
-        stream.synchronize()
-        return out
-
-    def _to_device(self, batch: np.ndarray):
-        torch = self._torch
-        self._check_batch_size(batch.shape[0])
-        in_dtype = _torch_dtype(torch, self._engine.get_tensor_dtype(INPUT_NAME))
-        return torch.from_numpy(batch).to("cuda", non_blocking=False).to(in_dtype)
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        out = self.run_device(self._to_device(batch))
-        return out.float().cpu().numpy().astype(np.float32, copy=False)
+        cuda_call(self._rt, self._rt.cudaStreamSynchronize(self._stream), "stream sync")
 
     def stage(self, batch: np.ndarray) -> None:
-        """Copy ``batch`` to the GPU once, for :meth:`run_device_resident` (the bench's
-        compute-only timing; same protocol as the ONNX Runtime GPU backends)."""
-        from convforge.runtime.backends.base import check_batch
-
-        check_batch(batch, self.spec)
-        self._staged = self._to_device(np.ascontiguousarray(batch))
+        """Copy ``batch`` into this backend's device input buffer (see DeviceResident)."""
+        if not self._loaded:
+            raise RuntimeError(f"{self.name}: call load() before stage()")
+        self.check(batch)
+        n = batch.shape[0]
+        self._check_batch_size(n)
+        host = np.ascontiguousarray(batch, dtype=self._dtypes[0])
+        x, _, _ = self._bind_buffers(n)
+        rt = self._rt
+        kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_call(rt, rt.cudaMemcpyAsync(x, host.ctypes.data, host.nbytes, kind, self._stream),
+                  "host-to-device copy")  # fmt: skip
+        cuda_call(rt, rt.cudaStreamSynchronize(self._stream), "stream sync")  # host may go now
+        self._staged = n
 
     def run_device_resident(self) -> None:
         """Run on the staged batch: GPU compute and the closing synchronization only."""
         if self._staged is None:
             raise RuntimeError(f"{self.name}: call stage(batch) before run_device_resident()")
-        self.run_device(self._staged)
+        self._bind_buffers(self._staged)
+        self._enqueue()
+
+    def fetch(self) -> np.ndarray:
+        """The logits of the last staged run, copied to the host (float32 [N, K])."""
+        if self._staged is None:
+            raise RuntimeError(f"{self.name}: nothing has run yet")
+        _, y, out_shape = self._buffers[self._staged]
+        out = np.empty(out_shape, dtype=self._dtypes[1])
+        rt = self._rt
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cuda_call(rt, rt.cudaMemcpyAsync(out.ctypes.data, y, out.nbytes, kind, self._stream),
+                  "device-to-host copy")  # fmt: skip
+        cuda_call(rt, rt.cudaStreamSynchronize(self._stream), "stream sync")
+        return out.astype(np.float32, copy=False)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        self.stage(batch)
+        self.run_device_resident()
+        return self.fetch()
+
+    def run_device(self, batch):
+        """Zero-copy: ``batch`` is a torch CUDA tensor [N, C, H, W] of the engine's input
+        dtype on this backend's device, contiguous and 256-byte aligned (each checked);
+        returns the logits as a new CUDA tensor, synchronized. Needs torch only here."""
+        import torch
+
+        if not self._loaded:
+            raise RuntimeError(f"{self.name}: call load() before run_device()")
+        check_device_tensor(batch, self.device_id, self._dtypes[0])
+        n = int(batch.shape[0])
+        self._check_batch_size(n)
+        ctx = self._context
+        set_shape(ctx, tuple(batch.shape))
+        out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
+        out_dtype = getattr(torch, self._dtypes[1].name)
+        out = torch.empty(out_shape, dtype=out_dtype, device=batch.device)
+        bind(ctx, INPUT_NAME, batch.data_ptr())
+        bind(ctx, self._output_name, out.data_ptr())
+        self._bound = None  # the context now points at the caller's memory
+        torch.cuda.current_stream(batch.device).synchronize()  # the input is written
+        self._enqueue()
+        return out
 
     def _close(self) -> None:
-        self._staged = None
+        rt = self._rt
+        if rt is not None:
+            for x, y, _ in self._buffers.values():
+                rt.cudaFree(x)
+                rt.cudaFree(y)
+            if self._stream is not None:
+                rt.cudaStreamDestroy(self._stream)
+        self._buffers = {}
+        self._bound = self._staged = None
+        self._stream = None
         self._context = None  # destroy in dependency order: context, engine, runtime
         self._engine = None
         self._runtime = None
-        self._stream = None
 
     def describe(self) -> dict:
         d = super().describe()
@@ -285,6 +463,8 @@ class TensorRT(Backend):
         d.update(
             tensorrt_version=self.trt_version,
             gpu=self.gpu_name,
+            device_id=self.device_id,
+            tf32=self.options.tf32,
             profile={"min_batch": lo, "opt_batch": opt, "max_batch": hi},
             engine_cache_hit=self.cache_hit,
             build_seconds=None if self.build_seconds is None else round(self.build_seconds, 3),
@@ -293,22 +473,29 @@ class TensorRT(Backend):
         return d
 
 
-def _torch_dtype(torch, trt_dtype):
-    """The torch dtype of a TensorRT tensor dtype (float32, float16, int8, int32, ...)."""
-    import tensorrt as trt
+def check_device_tensor(tensor, device_id: int, dtype: np.dtype) -> None:
+    """UserError unless ``tensor`` (torch) is contiguous, of ``dtype``, on CUDA device
+    ``device_id`` and starts at a 256-byte aligned address."""
+    if not getattr(tensor, "is_cuda", False):
+        raise UserError("run_device takes a torch CUDA tensor; use run() for host arrays")
+    if tensor.device.index not in (None, device_id):
+        raise UserError(f"the tensor is on cuda:{tensor.device.index}, the engine on {device_id}")
+    if str(tensor.dtype) != f"torch.{dtype.name}":
+        raise UserError(f"the engine takes {dtype.name} input, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise UserError("the input tensor must be contiguous (call .contiguous())")
+    if tensor.data_ptr() % ALIGNMENT:
+        raise UserError(
+            f"the input tensor's address is not {ALIGNMENT}-byte aligned, as TensorRT requires "
+            "(a slice of a larger tensor?); pass .clone()"
+        )
 
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.INT8: torch.int8,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.BOOL: torch.bool,
-    }
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    if trt_dtype not in table:
-        raise UserError(f"unsupported TensorRT I/O dtype {trt_dtype}")
-    return table[trt_dtype]
 
-
-__all__ = ["TensorRT", "engine_cache_key", "network_flags", "profile_from_options"]
+__all__ = [
+    "TensorRT",
+    "check_device_tensor",
+    "engine_cache_key",
+    "network_flags",
+    "refuse_asymmetric_int8",
+    "timing_cache",
+]

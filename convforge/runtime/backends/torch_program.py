@@ -7,21 +7,21 @@ The program is ``torch.export.load(path).module()``: no builder or export code i
 imported, so any file ``convforge export`` wrote is enough. Runs under
 ``torch.inference_mode``.
 
-Options:
+Options (:class:`TorchProgram.Options`):
 
 * ``device``: ``"cpu"`` (default) or ``"cuda"``.
 * ``dtype``: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``: the module's weights and the
   inputs are cast to it; logits always come back as float32 numpy. fp16 is meant for
   CUDA (many CPU kernels lack it).
-* ``channels_last``: bool, module and inputs in NHWC memory format (faster convs on
+* ``channels_last``: module and inputs in NHWC memory format (faster convs on
   CUDA tensor cores and oneDNN).
-* ``compile``: bool, wrap the module in ``torch.compile``. Needs a working compiler
+* ``compile``: wrap the module in ``torch.compile``. Needs a working compiler
   toolchain (Inductor emits C++ on CPU, Triton kernels on CUDA: a C++ compiler, and
   the ``triton`` package for CUDA); the first run of each batch shape is slow.
-* ``tf32``: bool, CUDA fp32 only (default False). cuDNN runs fp32 convs on TF32 tensor
+* ``tf32``: CUDA fp32 only (default False). cuDNN runs fp32 convs on TF32 tensor
   cores by default on Ampere and newer GPUs (10-bit mantissa: about 1e-3 relative error
   here); off, fp32 means fp32. On, the backend reports precision ``tf32``.
-* ``cuda_graphs``: bool, CUDA only. Replays a captured CUDA graph, which removes the
+* ``cuda_graphs``: CUDA only. Replays a captured CUDA graph, which removes the
   per-kernel launch overhead for small batches. The graph has a fixed batch shape:
   each new batch shape is captured once (a few warm-up runs, then capture) and kept,
   with its own static input/output buffers. With ``compile`` it uses
@@ -31,17 +31,18 @@ Options:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from convforge.errors import UserError, check_choice
+from convforge.errors import UserError
 from convforge.extras import install_hint
-from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
+from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
+from convforge.settings import setting
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
-_OPTIONS = ("device", "dtype", "channels_last", "compile", "cuda_graphs", "tf32")
 _WARMUP = 3  # runs on a side stream before a CUDA graph capture
 
 
@@ -51,29 +52,42 @@ def program_path(path: str | Path) -> Path:
     return path if path.suffix == ".pt2" else path.with_suffix(".pt2")
 
 
-class TorchProgram(Backend):
+class TorchProgram(Backend, DeviceResident):
     name = "torch"
+    suffixes = (".onnx", ".pt2")  # an .onnx export means the .pt2 program beside it
+
+    @dataclass(frozen=True)
+    class Options:
+        device: str = setting("cpu", "where the program runs", choices=DEVICES)
+        dtype: str = setting("fp32", "weights and inputs cast to this", choices=DTYPES)
+        channels_last: bool = setting(False, "NHWC memory format")
+        compile: bool = setting(False, "torch.compile the program (needs a C++ compiler)")
+        cuda_graphs: bool = setting(False, "replay a CUDA graph per batch shape (CUDA only)")
+        tf32: bool = setting(False, "TF32 convolutions for fp32 on CUDA")
 
     def __init__(self, path: str, **options) -> None:
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise UserError(
-                f"unknown option(s) for backend 'torch': {', '.join(unknown)}; "
-                f"accepted: {', '.join(_OPTIONS)}"
-            )
         super().__init__(path, **options)
-        self.device = check_choice("torch device", str(options.get("device", "cpu")), DEVICES)
-        self.dtype = check_choice("torch dtype", str(options.get("dtype", "fp32")), DTYPES)
-        self.channels_last = bool(options.get("channels_last", False))
-        self.compile = bool(options.get("compile", False))
-        self.cuda_graphs = bool(options.get("cuda_graphs", False))
-        self.tf32 = bool(options.get("tf32", False))
+        o = self.options
+        self.device, self.dtype, self.channels_last = o.device, o.dtype, o.channels_last
+        self.compile, self.cuda_graphs, self.tf32 = o.compile, o.cuda_graphs, o.tf32
         if self.cuda_graphs and self.device != "cuda":
             raise UserError("cuda_graphs needs device='cuda'")
         self.program = program_path(path)
+        self._staged = None  # (device input, last output), set by stage()
         self._module = None
         self._torch_dtype = None
         self._graphs: dict = {}  # batch shape -> (graph, static input, static output)
+
+    @property
+    def device_resident(self) -> bool:
+        """On CUDA, a staged batch stays on the GPU (compute-only timing); on the CPU there
+        is no device copy to leave out."""
+        return self.device == "cuda"
+
+    @property
+    def input_dtypes(self) -> tuple[type, ...]:
+        """fp16 programs also take float16 batches: half the host-to-device bytes."""
+        return (np.float32, np.float16) if self.dtype == "fp16" else (np.float32,)
 
     @classmethod
     def available(cls, device: str = "cpu") -> tuple[bool, str]:
@@ -156,12 +170,7 @@ class TorchProgram(Backend):
         import torch
 
         with torch.inference_mode(), self._numerics():
-            x = self._to_input(batch)
-            if self.cuda_graphs and not self.compile:
-                y = self._replay(x)
-            else:
-                y = self._module(x)
-            return y.float().cpu().numpy()
+            return self._forward(self._to_input(batch)).float().cpu().numpy()
 
     def _replay(self, x):
         """Run ``x`` through the CUDA graph captured for its shape (capturing it first)."""
@@ -185,8 +194,39 @@ class TorchProgram(Backend):
         graph.replay()
         return static_out.clone()
 
+    def _forward(self, x):
+        if self.cuda_graphs and not self.compile:
+            return self._replay(x)
+        return self._module(x)
+
+    def stage(self, batch: np.ndarray) -> None:
+        """Copy ``batch`` to the device once, for :meth:`run_device_resident`."""
+        if not self._loaded:
+            raise RuntimeError(f"{self.name}: call load() before stage()")
+        self.check(batch)
+        self._staged = (self._to_input(np.ascontiguousarray(batch)), None)
+
+    def run_device_resident(self) -> None:
+        """Run on the staged batch: device compute and the closing synchronization only."""
+        import torch
+
+        if self._staged is None:
+            raise RuntimeError(f"{self.name}: call stage(batch) before run_device_resident()")
+        with torch.inference_mode(), self._numerics():
+            y = self._forward(self._staged[0])
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self._staged = (self._staged[0], y)
+
+    def fetch(self) -> np.ndarray:
+        """The logits of the last :meth:`run_device_resident`, on the host (float32)."""
+        if self._staged is None or self._staged[1] is None:
+            raise RuntimeError(f"{self.name}: nothing has run yet")
+        return self._staged[1].float().cpu().numpy()
+
     def _close(self) -> None:
         self._graphs.clear()
+        self._staged = None
         self._module = None
 
     def describe(self) -> dict:
