@@ -13,10 +13,10 @@ import pytest
 
 from convforge.errors import UserError
 from convforge.runtime.backends import tensorrt as trt_backend
+from convforge.runtime.backends.cuda_runtime import check_device_tensor
 from convforge.runtime.backends.tensorrt import (
     TensorRT,
     bind,
-    check_device_tensor,
     engine_cache_key,
     set_shape,
     timing_cache,

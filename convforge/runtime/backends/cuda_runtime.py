@@ -1,0 +1,56 @@
+"""cuda-python's runtime API, as the native TensorRT backend uses it (no torch).
+
+TensorRT takes device memory as integer addresses and a CUDA stream; cuda-python
+(``cuda.bindings.runtime``, the ``tensorrt`` extra) provides both. Its calls
+return ``(error, value...)`` tuples instead of raising: :func:`cuda_call` turns
+an error into a RuntimeError naming it. :func:`check_device_tensor` checks a
+caller's torch CUDA tensor before its address is handed to TensorRT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convforge.errors import UserError
+
+ALIGNMENT = 256  # bytes: the minimum alignment TensorRT requires of a tensor address
+
+
+def cudart():
+    """cuda-python's runtime API module (``cuda.bindings.runtime``; ``cuda.cudart`` before
+    12.6.1, when the bindings moved; 13.x has only the new path)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        from cuda import cudart as runtime
+    return runtime
+
+
+def cuda_call(rt, result, what: str):
+    """The value of a cuda-python call's ``(error, value...)`` tuple; RuntimeError on error."""
+    err, *values = result
+    if err != rt.cudaError_t.cudaSuccess:
+        name = rt.cudaGetErrorName(err)[1]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        raise RuntimeError(f"CUDA {what} failed: {name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def check_device_tensor(tensor, device_id: int, dtype: np.dtype) -> None:
+    """UserError unless ``tensor`` (torch) is contiguous, of ``dtype``, on CUDA device
+    ``device_id`` and starts at a 256-byte aligned address."""
+    if not getattr(tensor, "is_cuda", False):
+        raise UserError("run_device takes a torch CUDA tensor; use run() for host arrays")
+    if tensor.device.index not in (None, device_id):
+        raise UserError(f"the tensor is on cuda:{tensor.device.index}, the engine on {device_id}")
+    if str(tensor.dtype) != f"torch.{dtype.name}":
+        raise UserError(f"the engine takes {dtype.name} input, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise UserError("the input tensor must be contiguous (call .contiguous())")
+    if tensor.data_ptr() % ALIGNMENT:
+        raise UserError(
+            f"the input tensor's address is not {ALIGNMENT}-byte aligned, as TensorRT requires "
+            "(a slice of a larger tensor?); pass .clone()"
+        )
