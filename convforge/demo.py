@@ -59,6 +59,7 @@ def run_demo(out: Path, epochs: int = 15, json_output: bool = False) -> dict:
     else:
         print("\n".join(md))
         print(f"\nreport: {out / 'report.md'} (JSON: {out / 'report.json'})")
+        print(f"serve it: convforge serve {out / 'model.onnx'}")
     return report
 
 

@@ -34,6 +34,7 @@ EXTRA_OF = {
     "openvino": ("OpenVINO", "openvino"),
     "tensorrt": ("TensorRT", "tensorrt"),
     "cuda": ("cuda-python", "tensorrt"),
+    "kserve": ("the kserve SDK", "serve"),
 }
 ENGINES = ("onnxruntime", "openvino", "tensorrt", "torch")  # modules that can run a model
 

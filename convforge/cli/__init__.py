@@ -47,6 +47,7 @@ COMMANDS = {
     "predict": Command("runtime", "top-k classes of images with an exported model"),
     "bench": Command("runtime", "latency/throughput per backend x precision x batch size"),
     "backends": Command("runtime", "each backend's options, and whether it runs here"),
+    "serve": Command("runtime", "serve models over KServe v2 (HTTP, gRPC)", ("kserve",)),
     "demo": Command(
         "demo",
         "the pipeline on the bundled dataset, with a report",

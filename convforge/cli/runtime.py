@@ -217,4 +217,84 @@ def cmd_backends(args) -> int:
     return 0
 
 
-PARSERS = {"predict": predict_parser, "bench": bench_parser, "backends": backends_parser}
+def serve_parser(p: argparse.ArgumentParser) -> None:
+    from convforge.runtime.serve.batcher import BatchingConfig
+    from convforge.runtime.serve.server import ServeConfig
+
+    p.description = (
+        "Serve exported models over the Open Inference Protocol (KServe v2), HTTP and gRPC, "
+        "with dynamic batching, health, Prometheus metrics and an image classify endpoint. "
+        "Ready once every model is loaded and warmed up; SIGTERM or Ctrl-C drains requests "
+        f"in flight, then stops. Binds 127.0.0.1 unless --host says otherwise. {OPTIONS_HINT}"
+    )
+    p.add_argument(
+        "models", nargs="+", metavar="[NAME=]MODEL.onnx", help="models, named by file stem or NAME"
+    )
+    add_settings(p, ServeConfig, "server")
+    add_settings(p, BatchingConfig, "batching")
+    add_backend_options(p, "ort-cpu.threads=2")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from convforge.runtime.backends import BACKENDS
+    from convforge.runtime.serve.batcher import BatchingConfig
+    from convforge.runtime.serve.server import ServeConfig, serve
+
+    if args.backend == "auto":
+        extras.require_engine("convforge serve")
+    options = backend_options(args.set, BACKENDS)
+    config = settings_from(
+        ServeConfig,
+        args,
+        models=model_names(args.models),
+        options=options.get(args.backend, {}),
+        batching=settings_from(BatchingConfig, args).check(),
+    )
+    asyncio.run(serve(config, on_ready=_announce))
+    print("convforge serve: stopped", flush=True)
+    return 0
+
+
+def model_names(items: list[str]) -> dict[str, str]:
+    """``["a.onnx", "b=x/b.onnx"]`` -> ``{"a": "a.onnx", "b": "x/b.onnx"}``; UserError for
+    a duplicate or a name a URL cannot carry."""
+    import re
+    from pathlib import Path
+
+    models: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq:
+            name, path = Path(item).stem, item
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise UserError(f"model name {name!r} must be letters, digits, '_', '.' or '-'")
+        if name in models:
+            raise UserError(f"two models are named {name!r}; name them with NAME=MODEL.onnx")
+        models[name] = path
+    return models
+
+
+def _announce(running) -> None:
+    for model in running.models:
+        ran = model.describe()
+        batching = model.batching
+        print(
+            f"convforge serve: {model.name} ({model.path}) on {ran['backend']}, "
+            f"{ran['precision']}, batches of up to {batching.max_batch_size} rows within "
+            f"{batching.max_queue_delay_ms:g} ms, {batching.instances} instance(s): "
+            f"{running.http_url}/v2/models/{model.name}",
+            flush=True,
+        )
+    grpc = f", gRPC {running.grpc_address}" if running.grpc_address else ""
+    print(f"convforge serve: ready on {running.http_url}{grpc} (Ctrl-C stops)", flush=True)
+
+
+PARSERS = {
+    "predict": predict_parser,
+    "bench": bench_parser,
+    "backends": backends_parser,
+    "serve": serve_parser,
+}

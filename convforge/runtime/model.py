@@ -29,6 +29,18 @@ class Prediction:
     probability: float  # softmax probability, in [0, 1]
 
 
+def top_k(logits: np.ndarray, classes: list[str], k: int) -> list[list[Prediction]]:
+    """Per row of ``logits`` [N, K], its ``k`` most probable classes (softmax), best first."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]
+    return [
+        [Prediction(classes[j] if j < len(classes) else str(j), int(j), float(p[j])) for j in row]
+        for p, row in zip(probs, order, strict=True)
+    ]
+
+
 class Model:
     """A loaded model: :meth:`predict` for images, :meth:`logits` for preprocessed batches."""
 
@@ -56,16 +68,7 @@ class Model:
     def predict(self, images, topk: int = 5) -> list[list[Prediction]]:
         """For each image, its ``topk`` most probable classes, best first."""
         check_int("topk", topk)
-        logits = self.logits(self.preprocess(images)).astype(np.float64)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        k = min(topk, probs.shape[1])
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        names = self.info.classes
-        return [
-            [Prediction(names[j] if j < len(names) else str(j), int(j), float(p[j])) for j in row]
-            for p, row in zip(probs, order, strict=True)
-        ]
+        return top_k(self.logits(self.preprocess(images)), self.info.classes, topk)
 
     def close(self) -> None:
         self.backend.close()

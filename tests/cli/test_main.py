@@ -45,6 +45,10 @@ def test_help_lists_every_command(capsys):
             ["bench", MODEL, "--backends", "tensorrt", "--set", "tensorrt.max_batch=abc"],
             "tensorrt option max_batch takes an integer, got 'abc'",
         ),
+        (["serve", f"a={MODEL}", f"a={MODEL}"], "two models are named 'a'"),
+        (["serve", "bad name=x.onnx"], "model name 'bad name' must be letters"),
+        (["serve", "/no/such.onnx", "--port", "0", "--grpc-port", "-1"], "does not exist"),
+        (["serve", MODEL, "--max-batch-size", "0"], "--max-batch-size must be a positive"),
         (
             ["predict", MODEL, IMAGES[0], "--backend", "ort-cpu", "--set", "ort-cpu.thread=2"],
             "backend 'ort-cpu' has no option 'thread'; accepted: threads, graph_optimization",
@@ -92,6 +96,11 @@ MISSING = [
     ),
     (["bench", MODEL, "--plot", "p.png"], ["matplotlib"], "bench --plot needs matplotlib"),
     (["bench", MODEL, "--accuracy", "digits"], ["torch"], "bench --accuracy needs PyTorch"),
+    (
+        ["serve", MODEL],
+        ["kserve"],
+        "convforge serve needs the kserve SDK: pip install 'convforge[serve]'",
+    ),
 ]
 
 

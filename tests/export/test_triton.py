@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import onnx
 import pytest
@@ -15,9 +16,22 @@ from torch import nn
 from convforge.errors import UserError
 from convforge.export.triton import write_triton_repo
 
-model_config_pb2 = pytest.importorskip(
-    "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is a dev dependency"
-)
+
+def _model_config_pb2():
+    """Triton's own ModelConfig protobuf, loaded from its file alone: importing the
+    tritonclient.grpc package defines the v2 protocol's `inference.*` messages, which kserve
+    (the server tests) defines too, and protobuf refuses a second definition in one process."""
+    import importlib.util
+
+    tritonclient = pytest.importorskip("tritonclient", reason="tritonclient is a dev dependency")
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_config_pb2 = _model_config_pb2()
 
 CLASSES = [f"class {i}" for i in range(10)]
 

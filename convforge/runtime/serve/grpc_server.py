@@ -1,0 +1,101 @@
+"""The gRPC side: kserve's v2 servicer on a ``grpc.aio`` server bound where convforge says.
+
+Its errors map to gRPC codes as its HTTP twins map to statuses: a client
+mistake is INVALID_ARGUMENT or NOT_FOUND, a full queue RESOURCE_EXHAUSTED, a
+request past its timeout DEADLINE_EXCEEDED, a server that drains
+UNAVAILABLE. The repository load/unload calls are refused (UNIMPLEMENTED), as
+over HTTP. Each ModelInfer is counted in the metrics with its status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from grpc_interceptor import AsyncExceptionToStatusInterceptor, AsyncServerInterceptor
+
+from convforge.runtime.serve.batcher import QueueFull, RequestTimeout, ShuttingDown
+from convforge.runtime.serve.kserve_sdk import (
+    InferenceServicer,
+    errors,
+    grpc_predict_v2_pb2_grpc,
+)
+from convforge.runtime.serve.metrics import ServerMetrics
+
+log = logging.getLogger("convforge.serve")
+
+
+class _Servicer(InferenceServicer):
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802 (gRPC's name)
+        raise NotImplementedError("this server does not load models")
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        raise NotImplementedError("this server does not unload models")
+
+
+# exception -> status; client mistakes and refusals are answered without a traceback in the log
+CODES = (
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.UnsupportedProtocol, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
+    (errors.ServerNotReady, grpc.StatusCode.UNAVAILABLE),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+)
+
+
+class _Errors(AsyncExceptionToStatusInterceptor):
+    async def handle_exception(self, ex, request_or_iterator, context, method_name):
+        if isinstance(ex, grpc.aio.AbortError):
+            raise ex  # already answered
+        for kind, code in CODES:
+            if isinstance(ex, kind):
+                message = getattr(ex, "reason", None) or str(ex)
+                await context.abort(code, message)
+        log.error("gRPC %s failed", method_name, exc_info=ex)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {ex}")
+
+
+class _Metrics(AsyncServerInterceptor):
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept(self, method, request_or_iterator, context, method_name):
+        if not method_name.endswith("/ModelInfer"):
+            return await method(request_or_iterator, context)
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            return await method(request_or_iterator, context)
+        except BaseException:
+            status = context.code()
+            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            model = getattr(request_or_iterator, "model_name", "") or "unknown"
+            self.metrics.answered(model, "grpc", code, time.perf_counter() - start)
+
+
+def build_server(
+    dataplane, repository_extension, metrics: ServerMetrics, address: str, max_message_bytes: int
+) -> grpc.aio.Server:
+    """An unstarted gRPC server for the v2 protocol on ``address`` (host:port)."""
+    server = grpc.aio.server(
+        interceptors=(_Metrics(metrics), _Errors()),
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ],
+    )
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        _Servicer(dataplane, repository_extension), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
+    server.convforge_port = port  # the bound port: a free one when asked for 0
+    return server

@@ -1,0 +1,167 @@
+"""One served model: a ``kserve.Model`` whose ``predict`` goes through the dynamic batcher.
+
+The same class runs under KServe on Kubernetes (its ``ModelServer`` takes
+loaded models and calls ``predict()``); ``convforge serve`` drives it through
+:mod:`.server`. ``load()`` loads ``instances`` backends (``auto`` picks the
+backend with the first, the rest repeat that choice) and warms each one at the
+batch sizes it will run (1 and ``max_batch_size`` rows) before the model says
+it is ready; the batcher starts with the first request, or with ``start()``.
+
+A request's input is checked against the model before it is queued: one
+tensor, named as the model's input, FP32 (or FP16 where the backend takes
+half-precision batches), shape ``[n, C, H, W]`` with ``n >= 1``, and as many
+values as the shape says. Each mistake is ``kserve.errors.InvalidInput``
+(HTTP 400, gRPC INVALID_ARGUMENT) naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from convforge.contract import INPUT_NAME, OUTPUT_NAME, read_info
+from convforge.runtime import backends
+from convforge.runtime.serve.batcher import Batcher, BatchingConfig
+from convforge.runtime.serve.kserve_sdk import (
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    errors,
+    kserve,
+)
+from convforge.runtime.serve.metrics import ServerMetrics
+
+DATATYPES = {"FP32": np.float32, "FP16": np.float16}  # v2 datatype -> numpy
+
+
+class ServedModel(kserve.Model):
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        backend: str = "auto",
+        options: dict | None = None,
+        batching: BatchingConfig | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.path = str(path)
+        self.info = read_info(path)
+        self.backend_name = backend
+        self.options = dict(options or {})
+        self.batching = (batching or BatchingConfig()).check()
+        self.metrics = metrics or ServerMetrics()
+        self.backends: list[backends.Backend] = []
+        self.skipped: list[dict] = []  # auto's candidates that could not run the file
+        self.num_classes: int | None = None
+        self.batcher: Batcher | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Load and warm up the backend instances (slow: engines build here); then ready."""
+        first, self.skipped = backends.load_backend(self.backend_name, self.path, **self.options)
+        self.backends = [first]
+        options = self.options if self.backend_name != "auto" else {}
+        for _ in range(self.batching.instances - 1):
+            self.backends.append(backends.create(first.name, self.path, **options).load())
+        pad_to = self.batching.max_batch_size if first.single_batch_size else None
+        for backend in self.backends:
+            for n in sorted({pad_to or 1, pad_to or self.batching.max_batch_size}):
+                logits = backend.run(np.zeros((n, *self.sample_shape), np.float32))
+        self.num_classes = int(logits.shape[1])
+        self.batcher = Batcher(
+            [b.run for b in self.backends], self.batching, pad_to, self.metrics.observer(self.name)
+        )
+        self.metrics.track_depth(self.name, lambda: self.batcher.depth)
+        self.ready = True
+        return True
+
+    async def start(self) -> None:
+        """Start the batcher's workers (in the serving event loop)."""
+        if not self.batcher.started:
+            await self.batcher.start()
+
+    async def stop(self) -> None:
+        """Not ready; finish what is queued; release the backends."""
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop()
+        for backend in self.backends:
+            backend.close()
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        spec = self.info.spec
+        return spec.channels, spec.height, spec.width
+
+    def describe(self) -> dict:
+        """Backend, precision and settings of the first instance (for the startup log)."""
+        return self.backends[0].describe() if self.backends else {}
+
+    # -- the v2 protocol -------------------------------------------------------------------
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *self.sample_shape]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, self.num_classes or -1]}]
+
+    async def predict(self, request: InferRequest, headers=None) -> InferResponse:
+        logits = await self.infer(self.input_rows(request))
+        out = InferOutput(OUTPUT_NAME, list(logits.shape), "FP32")
+        out.set_data_from_numpy(np.ascontiguousarray(logits, np.float32), binary_data=False)
+        return InferResponse(
+            response_id=request.id or "",
+            model_name=self.name,
+            infer_outputs=[out],
+            use_binary_outputs=request.use_binary_outputs,
+            requested_outputs=request.request_outputs,
+        )
+
+    async def infer(self, rows: np.ndarray) -> np.ndarray:
+        """Logits for preprocessed ``rows``, through the batcher."""
+        if not self.ready or self.batcher is None:
+            raise errors.ModelNotReady(self.name)
+        await self.start()
+        return await self.batcher.infer(rows)
+
+    def input_rows(self, request: InferRequest) -> np.ndarray:
+        """The request's one input as ``[n, C, H, W]``; InvalidInput naming any mistake."""
+        if len(request.inputs) != 1:
+            names = [i.name for i in request.inputs]
+            raise errors.InvalidInput(f"{self.name} takes one input ({INPUT_NAME!r}), got {names}")
+        tensor = request.inputs[0]
+        if tensor.name != INPUT_NAME:
+            raise errors.InvalidInput(
+                f"{self.name} has no input {tensor.name!r}; its input is {INPUT_NAME!r}"
+            )
+        accepted = [d for d, t in DATATYPES.items() if t in self.backends[0].input_dtypes]
+        if tensor.datatype not in accepted:
+            raise errors.InvalidInput(
+                f"input {INPUT_NAME!r} must be {' or '.join(accepted)}, got {tensor.datatype}"
+            )
+        shape = [int(d) for d in tensor.shape]
+        want = [-1, *self.sample_shape]
+        if len(shape) != 4 or shape[0] < 1 or shape[1:] != want[1:]:
+            raise errors.InvalidInput(
+                f"input {INPUT_NAME!r} must have shape {want} (-1: any batch >= 1), got {shape}"
+            )
+        try:
+            rows = tensor.as_numpy()
+        except (ValueError, TypeError) as e:
+            raise errors.InvalidInput(
+                f"input {INPUT_NAME!r}: its data does not fill shape {shape} of "
+                f"{tensor.datatype} ({str(e).splitlines()[0]})"
+            ) from None
+        return np.ascontiguousarray(rows)
+
+
+async def load_all(models: list[ServedModel]) -> None:
+    """Load every model off the event loop (one at a time: engines may build), then start."""
+    loop = asyncio.get_running_loop()
+    for model in models:
+        await loop.run_in_executor(None, model.load)
+    for model in models:
+        await model.start()
