@@ -9,8 +9,11 @@ A request holds one or more rows. A batch starts with the oldest request and
 takes the next ones while they fit in ``max_batch_size`` rows, until the first
 request has waited ``max_queue_delay_ms``; then it runs as one call of a
 runner, in that runner's own thread (off the event loop), and each caller gets
-its own rows of the result back. A request of more rows than ``max_batch_size``
-is split into full batches. ``max_batch_size=1`` turns batching off.
+its own rows of the result back. The wait is skipped while traffic is not
+concurrent (the previous batch held a single request and nothing else is
+queued): a lone client would only pay the delay, for no company. A request
+of more rows than ``max_batch_size`` is split into full batches.
+``max_batch_size=1`` turns batching off.
 
 Each runner (a loaded backend instance) is used by one thread at a time, and
 several runners (``--instances``) take batches from the same queue. When
@@ -106,6 +109,7 @@ class Batcher:
             for i in range(len(runners))
         ]
         self._in_flight = 0
+        self._concurrent = False  # did the last batch hold more than one request?
         self._stopping = False
         self._mean_batch_s = 0.01  # running estimate, for Retry-After
 
@@ -176,7 +180,8 @@ class Batcher:
             if first.future.done():
                 continue  # timed out or cancelled while queued
             batch, rows = [first], len(first.rows)
-            deadline = first.enqueued + self.config.max_queue_delay_ms / 1000
+            delay = self.config.max_queue_delay_ms / 1000 if self._concurrent else 0.0
+            deadline = first.enqueued + delay
             while rows < self.config.max_batch_size:
                 try:
                     nxt = self._queue.get_nowait()
@@ -210,6 +215,7 @@ class Batcher:
                     request.future.set_exception(e)
             return
         seconds = loop.time() - start
+        self._concurrent = len(batch) > 1
         self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * seconds
         self.observe("compute_s", seconds)
         self.observe("batch_rows", rows)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import io
 import time
 
+import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -33,10 +35,14 @@ from convforge.runtime.preprocess import preprocess, to_pil
 from convforge.runtime.serve.batcher import QueueFull, RequestTimeout, ShuttingDown
 from convforge.runtime.serve.kserve_sdk import (
     DataPlane,
+    InferInput,
+    InferRequest,
     ModelRepository,
     ModelRepositoryExtension,
+    RequestedOutput,
     errors,
     register_v2_endpoints,
+    to_np_dtype,
 )
 from convforge.runtime.serve.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -63,6 +69,67 @@ class ConvforgeDataPlane(DataPlane):
             raise
         except (ValueError, TypeError, IndexError, KeyError) as e:
             raise errors.InvalidInput(f"cannot decode the request body: {e}") from None
+
+    def decode_inference_request(self, body, headers, model_name):
+        if isinstance(body, bytes):
+            return binary_request(body, headers, model_name)
+        return super().decode_inference_request(body, headers, model_name)
+
+
+def binary_request(body: bytes, headers: dict, model_name: str) -> InferRequest:
+    """A v2 request in the binary tensor data extension, its tensors left as raw bytes.
+
+    kserve's own parser turns every binary tensor into a Python list and back
+    (150 ms for one 3x224x224 image on this machine); this one keeps the bytes,
+    as kserve's gRPC path does (``InferInput._raw_data``), and checks each
+    tensor's byte count against its shape and datatype.
+    """
+    length = headers.get(BINARY_HEADER.decode())
+    if length is None:
+        raise errors.InvalidInput(f"a binary request needs the {BINARY_HEADER.decode()} header")
+    if not length.isdigit() or not 0 < int(length) <= len(body):
+        raise errors.InvalidInput(
+            f"{BINARY_HEADER.decode()} is {length!r}, the body {len(body)} bytes"
+        )
+    start = int(length)
+    try:
+        header = orjson.loads(body[:start])
+        specs = header["inputs"]
+        if not isinstance(specs, list):
+            raise TypeError("'inputs' is not a list")
+    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+        raise errors.InvalidInput(f"the JSON part of the binary request is invalid: {e}") from None
+    inputs = []
+    for spec in specs:
+        tensor = InferInput(spec["name"], spec["shape"], spec["datatype"], spec.get("data"),
+                            spec.get("parameters"))  # fmt: skip
+        if tensor.data is None:
+            size = (spec.get("parameters") or {}).get("binary_data_size")
+            dtype = to_np_dtype(tensor.datatype)
+            if not isinstance(size, int) or size < 0 or dtype is None:
+                raise errors.InvalidInput(
+                    f"input {tensor.name!r} needs data or a binary_data_size, and a numeric "
+                    f"datatype (got {tensor.datatype})"
+                )
+            needed = int(np.prod(tensor.shape)) * np.dtype(dtype).itemsize
+            if size != needed or start + size > len(body):
+                raise errors.InvalidInput(
+                    f"input {tensor.name!r}: {size} bytes given ({len(body) - start} left in "
+                    f"the body), shape {tensor.shape} of {tensor.datatype} needs {needed}"
+                )
+            tensor._raw_data = body[start : start + size]
+            start += size
+        inputs.append(tensor)
+    if start != len(body):
+        raise errors.InvalidInput(f"{len(body) - start} bytes follow the last binary input")
+    outputs = [RequestedOutput(o["name"], o.get("parameters")) for o in header.get("outputs", [])]
+    return InferRequest(
+        model_name=model_name,
+        infer_inputs=inputs,
+        request_id=header.get("id"),
+        parameters=header.get("parameters"),
+        request_outputs=outputs or None,
+    )
 
 
 def build_app(

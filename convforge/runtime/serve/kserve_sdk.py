@@ -20,22 +20,32 @@ try:
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.servicer import InferenceServicer
-    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+    from kserve.protocol.infer_type import (
+        InferInput,
+        InferOutput,
+        InferRequest,
+        InferResponse,
+        RequestedOutput,
+    )
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
+    from kserve.utils.numpy_codec import to_np_dtype
 finally:
     sys.argv = _argv
 
 __all__ = [
     "DataPlane",
+    "InferInput",
     "InferOutput",
     "InferRequest",
     "InferResponse",
     "InferenceServicer",
     "ModelRepository",
     "ModelRepositoryExtension",
+    "RequestedOutput",
     "errors",
     "grpc_predict_v2_pb2_grpc",
     "kserve",
     "register_v2_endpoints",
+    "to_np_dtype",
 ]

@@ -58,19 +58,26 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows_back():
     assert sorted(runner.batches) == [1, 8]  # 7 requests, 2 calls of at most 8 rows
 
 
-def test_a_batch_waits_at_most_the_queue_delay():
+def test_a_lone_client_never_waits_and_concurrent_traffic_waits_at_most_the_delay():
+    async def timed(batcher, rows):
+        start = time.perf_counter()
+        await batcher.infer(rows)
+        return time.perf_counter() - start
+
     async def main():
         runner = Recorder()
         batcher = Batcher([runner], BatchingConfig(max_batch_size=32, max_queue_delay_ms=30))
         await batcher.start()
-        start = time.perf_counter()
-        await batcher.infer(_rows(1, 0))
-        waited = time.perf_counter() - start
+        alone = [await timed(batcher, _rows(1, i)) for i in range(3)]
+        await asyncio.gather(batcher.infer(_rows(1, 0)), batcher.infer(_rows(1, 1)))
+        after_company = await timed(batcher, _rows(1, 0))  # traffic was concurrent: it waits
         await batcher.stop()
-        return waited, runner
+        return runner, alone, after_company
 
-    waited, runner = _run(main())
-    assert 0.025 <= waited < 0.5 and runner.batches == [1]
+    runner, alone, after_company = _run(main())
+    assert max(alone) < 0.02  # no 30 ms wait for a client that is alone
+    assert 0.025 <= after_company < 0.5
+    assert runner.batches == [1, 1, 1, 2, 1]
 
 
 def test_batching_off_and_requests_larger_than_a_batch():

@@ -231,3 +231,15 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path):
         proc.kill()
     assert proc.returncode == 0, err
     assert "convforge serve: stopped" in out and "Traceback" not in err
+
+
+def test_binary_tensors_stay_bytes_and_match_json(server, batch, reference):
+    """The binary extension's bytes reach the model without a detour through Python lists."""
+    from convforge.runtime.serve.http_app import binary_request
+
+    body, headers = _binary(batch)
+    request = binary_request(body, {k.lower(): v for k, v in headers.items()}, "digits")
+    assert request.inputs[0]._raw_data == batch.tobytes() and request.inputs[0].data is None
+    response = httpx.post(f"{server.url}/v2/models/digits/infer", content=body, headers=headers)
+    got = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(3, 10)
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
