@@ -170,6 +170,17 @@ def test_a_full_queue_answers_503_with_retry_after(server, monkeypatch):
     assert "queue is full" in response.json()["error"]
 
 
+def test_a_request_past_its_timeout_answers_504(server, monkeypatch):
+    from convforge.runtime.serve.batcher import RequestTimeout
+
+    async def late(rows):
+        raise RequestTimeout("no answer within 30 s (the server is overloaded)")
+
+    monkeypatch.setattr(server.running.models[0].batcher, "infer", late)
+    response = httpx.post(f"{server.url}/v2/models/digits/infer", json=_v2(ROWS))
+    assert response.status_code == 504 and "no answer within" in response.json()["error"]
+
+
 def test_metrics(server):
     httpx.post(f"{server.url}/v2/models/digits/infer", json=_v2(ROWS))
     httpx.post(f"{server.url}/v2/models/digits/infer", json=_v2(ROWS, datatype="INT32"))
