@@ -15,6 +15,7 @@ import time
 import grpc
 from grpc_interceptor import AsyncExceptionToStatusInterceptor, AsyncServerInterceptor
 
+from convforge.errors import UserError
 from convforge.runtime.serve.batcher import QueueFull, RequestTimeout, ShuttingDown
 from convforge.runtime.serve.kserve_sdk import (
     InferenceServicer,
@@ -94,8 +95,14 @@ def build_server(
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         _Servicer(dataplane, repository_extension), server
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address ..."
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC to {address}")
+        raise UserError(
+            f"cannot serve gRPC on {address}: the port is in use or not allowed "
+            "(--grpc-port 0 takes a free one, -1 turns gRPC off)"
+        )
     server.convforge_port = port  # the bound port: a free one when asked for 0
     return server

@@ -17,11 +17,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvicorn
 
+from convforge.errors import UserError
 from convforge.runtime.serve.batcher import BatchingConfig
 from convforge.runtime.serve.grpc_server import build_server
 from convforge.runtime.serve.http_app import build_app, new_dataplane
@@ -79,6 +81,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[Running], None] | None 
         uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
                        access_log=False, lifespan="off", timeout_graceful_shutdown=config.drain_s)
     )  # fmt: skip
+    sock = _bind(config.host, config.port)
     grpc_server, grpc_address = None, None
     if config.grpc_port >= 0:
         grpc_server = build_server(
@@ -93,16 +96,13 @@ async def serve(config: ServeConfig, on_ready: Callable[[Running], None] | None 
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stopping.set)
-    http_task = asyncio.create_task(http.serve(), name="http")
+    http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
     try:
         if grpc_server is not None:
             await grpc_server.start()
-        while not http.started:
-            if http_task.done():
-                http_task.result()  # the bind failed: raise its error
-                raise OSError(f"cannot serve HTTP on {config.host}:{config.port}")
+        while not http.started and not http_task.done():
             await asyncio.sleep(0.01)
-        port = http.servers[0].sockets[0].getsockname()[1]
+        port = sock.getsockname()[1]
         if grpc_server is not None:
             grpc_address = f"{config.host}:{_grpc_port(grpc_server, config.grpc_port)}"
         load = asyncio.create_task(load_all(models))
@@ -126,6 +126,23 @@ async def serve(config: ServeConfig, on_ready: Callable[[Running], None] | None 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound here so that a taken port is a one-line error
+    (uvicorn would exit the process from inside its task)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(
+            f"cannot serve HTTP on {host}:{port}: {e.strerror or e} (--port 0 takes a free one)"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _grpc_port(server, asked: int) -> int:

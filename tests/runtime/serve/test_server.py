@@ -254,3 +254,23 @@ def test_binary_tensors_stay_bytes_and_match_json(server, batch, reference):
     response = httpx.post(f"{server.url}/v2/models/digits/infer", content=body, headers=headers)
     got = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(3, 10)
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_taken_port_is_a_one_line_error(capsys):
+    import socket
+
+    from convforge.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        base = ["serve", str(MODEL), "--backend", "ort-cpu"]
+        assert main([*base, "--port", port, "--grpc-port", "-1"]) == 2
+        assert main([*base, "--port", "0", "--grpc-port", port]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        f"convforge: error: cannot serve HTTP on 127.0.0.1:{port}: Address already in use "
+        "(--port 0 takes a free one)"
+    )
+    assert err[-1].startswith(f"convforge: error: cannot serve gRPC on 127.0.0.1:{port}")
