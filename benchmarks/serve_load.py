@@ -30,7 +30,6 @@ import asyncio
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -407,6 +406,9 @@ def goals(rows: list[dict], refs: dict, overload: list[dict]) -> dict:
 
 
 def _machine() -> dict:
+    """bench's environment record (CPU model, cores, library versions) and the CPU's SIMD flags."""
+    from convforge.runtime.bench import environment
+
     flags = []
     try:
         with open("/proc/cpuinfo") as f:
@@ -414,8 +416,7 @@ def _machine() -> dict:
         flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in line.split()]
     except (OSError, StopIteration):
         pass
-    return {"cpu": platform.processor() or platform.machine(), "cpu_flags": flags,
-            "logical_cores": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
+    return {**environment(), "cpu_flags": flags}
 
 
 if __name__ == "__main__":
