@@ -33,7 +33,6 @@ OUTPUT_NAME = "logits"  # graph output: one score per class
 BATCH_DIM = "batch"  # dim_param of the dynamic batch dimension
 PREFIX = "convforge."  # of every metadata_props key convforge writes
 PT2_METADATA = "convforge.json"  # extra file of the .pt2 archive holding the metadata
-PRECISIONS = ("fp32", "fp16", "int8")
 _QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
 
 # key (without PREFIX) -> what its value means. Strings are stored as-is, the rest as JSON.
