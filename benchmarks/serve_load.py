@@ -61,7 +61,7 @@ def prepare_models(folder: Path, quick: bool) -> dict[str, Path]:
     from convforge.builder import create_model
     from convforge.export import export_onnx
     from convforge.export.onnx_export import serialize
-    from convforge.export.precision import to_int8
+    from convforge.export.int8 import to_int8
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10).eval()

@@ -24,6 +24,7 @@ from torch import nn
 from convforge import contract
 from convforge.errors import UserError, check_choice, check_int
 from convforge.export.fold import FoldReport, fold_batchnorm
+from convforge.export.int8 import CALIBRATION_METHODS, INT8_TARGETS
 from convforge.export.onnx_export import (
     DEFAULT_OPSET,
     MAX_OPSET,
@@ -33,8 +34,8 @@ from convforge.export.onnx_export import (
     to_onnx,
     trace,
 )
-from convforge.export.precision import CALIBRATION_METHODS, INT8_TARGETS
 from convforge.export.validate import (
+    INT8_MAX_DROP,
     ValidationReport,
     check_metadata,
     reference_logits,
@@ -70,7 +71,11 @@ class ExportReport:
         out["fold"] = self.fold.as_dict()
         out["validation"] = self.validation.as_dict()
         out["variants"] = {
-            name: {"path": v["path"], "validation": v["report"].as_dict()}
+            name: {
+                "path": v["path"],
+                "validation": v["report"].as_dict(),
+                **({"int8_search": v["search"].as_dict()} if "search" in v else {}),
+            }
             for name, v in self.variants.items()
         }
         return out
@@ -78,7 +83,8 @@ class ExportReport:
     def format(self) -> str:
         lines = [self.fold.format(), "", self.validation.format()]
         for v in self.variants.values():
-            lines += ["", v["report"].format(), f"  -> {v['path']}"]
+            lines += ["", v["search"].format()] if "search" in v else [""]
+            lines += [v["report"].format(), f"  -> {v['path']}"]
         lines += [
             "",
             f"{self.onnx}: opset {self.opset}, {sum(self.nodes.values())} nodes, "
@@ -162,6 +168,11 @@ class ExportOptions:
     )
     calib_samples: int = setting(256, "training images to calibrate int8 activations on")
     calib_method: str = setting("minmax", f"int8 calibration: {', '.join(CALIBRATION_METHODS)}")
+    int8_max_drop: float = setting(
+        INT8_MAX_DROP,
+        "top-1 points the int8 file may lose against fp32; when every-layer int8 loses more, "
+        "the most sensitive layers stay in float until it fits (refused if no mix does)",
+    )
     val_samples: int = setting(512, "validation images that check each export, at most")
     triton_repo: str | None = setting(None, "also write a Triton model repository here")
     triton_max_batch_size: int = setting(32, "the Triton model's max_batch_size")
@@ -172,12 +183,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     from convforge.builder import ModelConfig, build_model
     from convforge.builder.checkpoint import load_checkpoint
     from convforge.export import precision
+    from convforge.export.int8_accuracy import int8_within_budget
 
     check_int("--val-samples", opts.val_samples)
     if opts.int8:
         check_choice("int8 target", opts.int8_target, INT8_TARGETS)
         check_choice("calibration method", opts.calib_method, CALIBRATION_METHODS)
         check_int("--calib-samples", opts.calib_samples)
+        if not 0 <= opts.int8_max_drop <= 100:
+            raise UserError(f"--int8-max-drop must be 0-100 points, got {opts.int8_max_drop:g}")
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"output path must end in .onnx, got {out}")
@@ -224,10 +238,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
                 f"--int8 needs the checkpoint's dataset ({data['dataset']}) for calibration and "
                 "accuracy, and it cannot be loaded here"
             )
-        int8 = precision.to_int8(report.model, calib, opts.int8_target, opts.calib_method)
+        int8, search = int8_within_budget(
+            report.model,
+            calib,
+            samples,
+            labels,
+            reference,
+            max_drop=opts.int8_max_drop,
+            target=opts.int8_target,
+            method=opts.calib_method,
+        )
         # TensorRT runs the Q/DQ graph as written; see convforge.export.validate.
         optimized = opts.int8_target != "tensorrt"
-        _variant(report, "int8", int8, out, reference, samples, labels, optimized)
+        _variant(report, "int8", int8, out, reference, samples, labels, optimized, opts)
+        report.variants["int8"]["search"] = search
     if opts.triton_repo:
         from convforge.export.triton import write_triton_repo
 
@@ -244,10 +268,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     return report
 
 
-def _variant(report, name, model, out, reference, samples, labels, optimized=True) -> None:
+def _variant(report, name, model, out, reference, samples, labels, optimized=True, opts=None):
     path = out.with_suffix(f".{name}.onnx")
     source = report.validation.source
-    result = write_validated(model, path, reference, samples, name, labels, source, optimized)
+    max_drop = opts.int8_max_drop if opts else INT8_MAX_DROP
+    result = write_validated(
+        model, path, reference, samples, name, labels, source, optimized, max_drop
+    )
     report.variants[name] = {"path": str(path), "report": result}
 
 
@@ -260,6 +287,7 @@ def write_validated(
     labels: np.ndarray | None,
     source: str,
     accuracy_optimized: bool = True,
+    int8_max_drop: float = INT8_MAX_DROP,
 ) -> ValidationReport:
     """Write ``model`` to ``path`` only if the written file passes validation.
 
@@ -272,7 +300,9 @@ def write_validated(
     with staged(path) as tmp:
         tmp.write_bytes(serialize(model))
         check_metadata(tmp, expected)
-        report = validate(tmp, reference, samples, precision, labels, source, accuracy_optimized)
+        report = validate(
+            tmp, reference, samples, precision, labels, source, accuracy_optimized, int8_max_drop
+        )
         if not report.passed:
             raise ValidationFailed(
                 f"{precision} export failed validation, {path.name} not written: {report.criterion}"

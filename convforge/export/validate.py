@@ -13,8 +13,9 @@ Pass criteria per precision:
 * fp32: max |onnx - torch| <= 1e-4 x the logit scale (max |torch logit|)
   in every run;
 * fp16: top-1 agreement with the fp32 model >= 99%;
-* int8: top-1 accuracy on the labelled validation samples at most 1 point
-  below the fp32 model's. Accuracy is read from the run with ORT's
+* int8: top-1 accuracy on the labelled validation samples at most
+  ``int8_max_drop`` points below the fp32 model's (export's
+  ``--int8-max-drop``, 0.5 by default). Accuracy is read from the run with ORT's
   optimizations on, except for the TensorRT flavour: ORT's fused x86 int8
   kernels overflow on full-range int8 weights without VNNI, while running the
   Q/DQ graph as written (optimizations off) is the arithmetic TensorRT does.
@@ -35,7 +36,7 @@ from convforge.runtime.backends.ort import OrtCpu
 
 FP32_REL_TOL = 1e-4
 FP16_MIN_AGREEMENT = 0.99
-INT8_MAX_DROP = 0.01
+INT8_MAX_DROP = 0.5  # points of top-1
 BATCH_SIZES = (1, 8)
 BATCH1_SAMPLES = 16  # batch size 1 runs this many samples one by one
 
@@ -124,11 +125,13 @@ def validate(
     labels: np.ndarray | None = None,
     source: str = "dataset",
     accuracy_optimized: bool = True,
+    int8_max_drop: float = INT8_MAX_DROP,
 ) -> ValidationReport:
     """Compare the logits of the ONNX file at ``path`` on ``samples`` with ``reference``.
 
     ``reference`` holds the PyTorch logits. ``accuracy_optimized``: take the
     accuracy from the batch-8 run with ORT optimizations on (True) or off (False).
+    ``int8_max_drop``: the top-1 points an int8 file may lose.
     """
     scale = float(np.abs(reference).max())
     ref_top1 = reference.argmax(1)
@@ -155,7 +158,7 @@ def validate(
     if labels is not None:
         ref_acc = float((ref_top1 == labels).mean())
         onnx_acc = float((onnx_full.argmax(1) == labels).mean())
-    passed, criterion = _judge(precision, runs, ref_acc, onnx_acc)
+    passed, criterion = _judge(precision, runs, ref_acc, onnx_acc, int8_max_drop)
     return ValidationReport(
         precision,
         len(samples),
@@ -170,7 +173,7 @@ def validate(
     )
 
 
-def _judge(precision, runs, ref_acc, onnx_acc) -> tuple[bool, str]:
+def _judge(precision, runs, ref_acc, onnx_acc, max_drop) -> tuple[bool, str]:
     if precision == "fp32":
         worst = max(r.max_rel_diff for r in runs)
         return worst <= FP32_REL_TOL, f"max rel diff {worst:.2g} <= {FP32_REL_TOL:g}"
@@ -181,5 +184,6 @@ def _judge(precision, runs, ref_acc, onnx_acc) -> tuple[bool, str]:
         )
     if ref_acc is None:
         return False, "int8 needs labelled validation samples to measure accuracy"
-    drop = ref_acc - onnx_acc
-    return drop <= INT8_MAX_DROP, f"top-1 accuracy drop {drop * 100:.2f} <= 1 point"
+    drop = (ref_acc - onnx_acc) * 100
+    # Accuracies are multiples of 1/samples: a tolerance keeps an exact tie a pass.
+    return drop <= max_drop + 1e-7, f"top-1 accuracy drop {drop:.2f} <= {max_drop:g} points"

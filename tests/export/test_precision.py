@@ -21,7 +21,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from convforge.errors import UserError
-from convforge.export.precision import CALIBRATION_METHODS, INT8_TARGETS, to_fp16, to_int8
+from convforge.export.int8 import CALIBRATION_METHODS, INT8_TARGETS, to_int8
+from convforge.export.precision import to_fp16
 
 SIZE = 16
 METADATA = {"convforge.arch": "tinycnn", "convforge.classes": json.dumps(list("0123456789"))}

@@ -11,7 +11,7 @@ import pytest
 
 from convforge import contract
 from convforge.errors import UserError
-from convforge.export.precision import to_int8
+from convforge.export.int8 import to_int8
 from convforge.runtime import load
 from convforge.runtime.backends import AUTO_ORDER, BackendUnavailable, backend_class, load_backend
 from convforge.runtime.backends.tensorrt import refuse_asymmetric_int8

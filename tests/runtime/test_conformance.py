@@ -23,7 +23,7 @@ NAMES = [pytest.param(n, marks=pytest.mark.gpu) if n in GPU_BACKENDS else n for 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(fp32 .onnx with its .pt2, the PyTorch model, a foreign int8 QDQ file)."""
-    from convforge.export.precision import to_int8
+    from convforge.export.int8 import to_int8
 
     folder = tmp_path_factory.mktemp("conformance")
     path, model = export_small_model(folder)

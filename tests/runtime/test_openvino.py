@@ -78,7 +78,7 @@ def test_bf16_request_reports_the_precision_that_ran(exported):
 
 
 def test_int8_model_reports_int8(exported, tmp_path):
-    from convforge.export.precision import to_int8
+    from convforge.export.int8 import to_int8
 
     path, model = exported
     quantized = to_int8(onnx.load(path), random_batch(32, seed=4))
