@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convforge.contract import ModelInfo, read_info
-from convforge.errors import check_int
+from convforge.errors import UserError, check_int
 from convforge.runtime import backends
 from convforge.runtime.backends.base import Backend
 from convforge.runtime.preprocess import preprocess
@@ -80,14 +80,27 @@ class Model:
         self.close()
 
 
-def load(path, backend: str = "auto", batch_size: int = 32, **options) -> Model:
+def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options) -> Model:
     """Load an exported model (.onnx, or .pt2 for the torch backend) on ``backend``.
 
     ``options`` go to a named backend (e.g. ``threads=2`` for ort-cpu). A backend
     asked for by name that cannot run raises BackendUnavailable naming why;
     ``auto`` takes the first of :data:`~.backends.AUTO_ORDER` that loads and
     lists the others in :attr:`Model.skipped`.
+
+    ``plan`` (a ``convforge tune`` plan file or :class:`~.plan.Plan`) runs the plan's
+    backend, file and options for the batch size closest to ``batch_size``
+    (:meth:`~.plan.Plan.load_model`); ``path`` must be a file the plan was made for,
+    and ``backend``/``options`` stay unset.
     """
+    if plan is not None:
+        from convforge.runtime.plan import Plan
+
+        if backend != "auto" or options:
+            raise UserError("load(plan=...) runs the plan's backend and options; give neither")
+        plan = plan if isinstance(plan, Plan) else Plan.read(plan)
+        plan.check_model(path)
+        return plan.load_model(batch_size)
     info = read_info(path)
     engine, skipped = backends.load_backend(backend, str(path), **options)
     return Model(info, engine, batch_size, skipped)

@@ -1,0 +1,187 @@
+"""The plan file: round trip, the entry for a batch size, environment mismatch warnings,
+invalid files, and running the planned configuration."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+from convforge.contract import sha256_of
+from convforge.errors import UserError
+from convforge.runtime import bench, load
+from convforge.runtime.plan import FORMAT, Plan, PlanEntry, PlanWarning, bench_plan
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+IMAGE = FIXTURES / "digit-0-4.png"  # a 4
+
+
+def make_plan(folder: Path, sizes=(1, 8), threads=1) -> Plan:
+    """A plan for a copy of the digits fixture in ``folder``: ort-cpu with ``threads``
+    at each of ``sizes``, measured in this environment (numbers are made up: the plan
+    file is under test here, not the search)."""
+    model = folder / "digits.onnx"
+    shutil.copyfile(FIXTURES / "digits.onnx", model)
+    entries = [
+        PlanEntry(
+            batch_size=bs,
+            backend="ort-cpu",
+            file=str(model),
+            precision="fp32",
+            options={"threads": threads},
+            settings={"backend": "ort-cpu", "threads": threads},
+            p50_ms=0.1 * bs,
+            p99_ms=0.2 * bs,
+            throughput_ips=10000.0,
+            accuracy=0.97,
+            accuracy_delta_points=0.0,
+        )  # fmt: skip
+        for bs in sizes
+    ]
+    return Plan(
+        model=str(model),
+        files={str(model): sha256_of(model)},
+        entries=entries,
+        accuracy={"metric": "top1", "dataset": "digits", "images": 179, "reference": 0.97},
+        search={"batch_sizes": list(sizes), "budget_seconds": 10.0},
+        environment=bench.environment(),
+        created="2026-01-01T00:00:00+00:00",
+    )
+
+
+@pytest.fixture
+def plan(tmp_path) -> Plan:
+    return make_plan(tmp_path)
+
+
+def test_write_read_round_trip_with_paths_relative_to_the_plan(plan, tmp_path):
+    plan.write(tmp_path / "plan.json")
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    assert list(raw)[0] == "format" and raw["format"] == FORMAT
+    assert raw["model"] == "digits.onnx" and raw["entries"][0]["file"] == "digits.onnx"
+    assert set(raw["entries"][0]) == set(PlanEntry.__dataclass_fields__)
+    assert Plan.read(tmp_path / "plan.json") == plan
+    # The folder moves as a whole: the plan still finds its model.
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(tmp_path, moved)
+    again = Plan.read(moved / "plan.json")
+    assert again.entries[0].file == str(moved / "digits.onnx")
+
+
+def test_a_file_outside_the_plan_folder_keeps_its_absolute_path(plan, tmp_path):
+    (tmp_path / "sub").mkdir()
+    plan.write(tmp_path / "sub" / "plan.json")
+    raw = json.loads((tmp_path / "sub" / "plan.json").read_text())
+    assert raw["model"] == str((tmp_path / "digits.onnx").resolve())
+    assert Plan.read(tmp_path / "sub" / "plan.json").model == raw["model"]
+
+
+@pytest.mark.parametrize("asked, expected", [(1, 1), (2, 1), (4, 8), (16, 32), (100, 32)])
+def test_entry_is_the_closest_batch_size_on_a_log_scale(tmp_path, asked, expected):
+    plan = make_plan(tmp_path, sizes=(1, 8, 32))
+    assert plan.entry(asked).batch_size == expected  # 16: a tie between 8 and 32 -> 32
+
+
+def test_a_plan_from_another_machine_warns_with_what_differs(plan, monkeypatch):
+    here = dict(plan.environment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan.check_environment(here) == []
+        # torch is not a library of this ort-cpu plan: its version does not matter.
+        assert plan.check_environment({**here, "torch_version": "0.1"}) == []
+    monkeypatch.setattr(bench, "environment", lambda: {**here, "cpu": "Other CPU 9000"})
+    with pytest.warns(PlanWarning, match=r"cpu: .* -> Other CPU 9000"):
+        plan.check_environment()
+    other = {**here, "onnxruntime_version": "0.0.1", "gpu": "NVIDIA H100"}
+    with pytest.warns(PlanWarning, match=r"gpu: .* -> NVIDIA H100; onnxruntime: .* -> 0.0.1"):
+        assert len(plan.check_environment(other)) == 2
+
+
+def test_running_the_plan_warns_on_another_machine(plan, monkeypatch):
+    monkeypatch.setattr(bench, "environment", lambda: {**plan.environment, "logical_cores": 96})
+    with pytest.warns(PlanWarning, match="logical_cores"), plan.load_model(1) as model:
+        assert model.backend.name == "ort-cpu"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "cannot read plan"),
+        ("[]", 'is not a convforge plan (no "format": "convforge-plan/1")'),
+        ('{"format": "other/2"}', "is not a convforge plan"),
+        ("ENTRIES", "the plan has no entries"),
+        ('ENTRY{"backend": "ort-gpu"}', "unknown backend 'ort-gpu'; choose one of: ort-cpu"),
+        ('ENTRY{"batch_size": "8"}', "entry 1: 'batch_size' must be int, got '8'"),
+        ('ENTRY{"batch_size": 0}', "batch_size must be a positive integer, got 0"),
+        ('ENTRY{"p50_ms": true}', "'p50_ms' must be float, got True"),
+        ('ENTRY{"colour": "red"}', "entry 1 has unknown keys ['colour']"),
+        ("NOBACKEND", "entry 1 lacks 'backend'"),
+        ("NOMODEL", "lacks 'model'"),
+    ],
+)
+def test_invalid_plan_files_are_one_line_errors(plan, tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    plan.write(path)
+    data = json.loads(path.read_text())
+    if content == "ENTRIES":
+        data["entries"] = []
+    elif content.startswith("ENTRY"):
+        data["entries"][0].update(json.loads(content.removeprefix("ENTRY")))
+    elif content == "NOBACKEND":
+        del data["entries"][0]["backend"]
+    elif content == "NOMODEL":
+        del data["model"]
+    else:
+        data = None
+    path.write_text(content if data is None else json.dumps(data))
+    with pytest.raises(UserError, match="^[^\n]*$") as e:
+        Plan.read(path)
+    assert message in str(e.value)
+
+
+def test_missing_or_unreadable_plan(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Plan.read(tmp_path / "none.json")
+    with pytest.raises(UserError, match="cannot read plan"):
+        Plan.read(tmp_path)  # a folder
+
+
+def test_load_model_runs_exactly_the_planned_configuration(plan):
+    with plan.load_model(batch_size=6) as model:  # closest to 6: the batch-8 entry
+        assert model.backend.name == "ort-cpu" and model.backend.threads == 1
+        assert model.backend.threads_source == "option" and model.batch_size == 8
+        assert model.predict([IMAGE], topk=1)[0][0].label == "4"
+
+
+def test_runtime_load_takes_a_plan_for_its_own_model_only(plan, tmp_path):
+    plan.write(tmp_path / "plan.json")
+    with load(tmp_path / "digits.onnx", batch_size=1, plan=tmp_path / "plan.json") as model:
+        assert model.backend.threads == 1 and model.batch_size == 1
+    # The same content elsewhere is the same model.
+    with load(FIXTURES / "digits.onnx", batch_size=1, plan=plan) as model:
+        assert model.backend.name == "ort-cpu"
+    other = tmp_path / "other.onnx"
+    other.write_bytes((tmp_path / "digits.onnx").read_bytes() + b"\0")
+    with pytest.raises(UserError, match="the plan was made for digits.onnx, not"):
+        load(other, plan=plan)
+    with pytest.raises(UserError, match="runs the plan's backend and options"):
+        load(tmp_path / "digits.onnx", backend="openvino", plan=plan)
+
+
+def test_the_plans_file_missing_is_an_error_and_a_changed_one_warns(plan, tmp_path):
+    plan.files = {f: "0" * 64 for f in plan.files}  # as if tuned on other bytes
+    with pytest.warns(PlanWarning, match="changed since it was tuned"):
+        plan.check_file(plan.entries[0])
+    Path(plan.model).unlink()
+    with pytest.raises(UserError, match=r"the plan's file .*digits.onnx is missing"):
+        plan.load_model(1)
+
+
+def test_bench_plan_times_each_entry_at_its_batch_size(plan):
+    cfg = bench.BenchConfig(batch_sizes=(1, 7), warmup_iters=1, warmup_seconds=0,
+                            iters=3, seconds=0)  # fmt: skip
+    records = bench_plan(plan, cfg)
+    assert [(r["batch_size"], r["plan_batch_size"]) for r in records] == [(1, 1), (7, 8)]
+    assert all(r["backend"] == "ort-cpu" and r["threads"] == 1 for r in records)
+    assert all(r["model"] == plan.model for r in records)

@@ -1,0 +1,219 @@
+"""The tune search on the digits fixture: candidates, the accuracy budget (a real,
+deliberately broken copy of the model is rejected), the choice, pruning and budgets.
+No assertion reads a timing: only what the search decided from its measurements."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from convforge import contract
+from convforge.errors import UserError
+from convforge.runtime import backends, bench
+from convforge.runtime.backends.options import parse_options
+from convforge.runtime.backends.ort import OrtCpu, OrtCuda, OrtTensorRT
+from convforge.runtime.backends.tensorrt import TensorRT
+from convforge.runtime.backends.torch_program import TorchProgram
+from convforge.runtime.candidates import Candidate, candidates
+from convforge.runtime.plan import Plan
+from convforge.runtime.tune import TuneConfig, _prune, _Timed, tune
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+QUICK = dict(budget_seconds=4.0, rounds=2, iters=5)  # seconds per test, not minutes
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    """The digits validation split as raw images and labels (what tune --dataset loads)."""
+    from convforge.cli.runtime import _labelled_images
+
+    return _labelled_images("digits", str(FIXTURES / "digits.onnx"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(the fp32 digits model, a copy whose weights carry noise: a real, worse model)."""
+    folder = tmp_path_factory.mktemp("tune")
+    good = folder / "digits.onnx"
+    shutil.copyfile(FIXTURES / "digits.onnx", good)
+    model = onnx.load(str(good))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim > 1:  # conv and linear weights
+            noisy = w + rng.normal(0, 0.8 * w.std(), w.shape).astype(w.dtype)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    broken = folder / "digits.noisy.onnx"
+    onnx.save(model, str(broken))
+    return good, broken
+
+
+def _top1(path, images, labels) -> float:
+    """The oracle: top-1 through the Model API, independent of tune's own code."""
+    return bench.accuracy("ort-cpu", str(path), images, labels)
+
+
+def test_cpu_candidates_are_each_backends_settings_that_matter(models, monkeypatch):
+    good, _ = models
+    monkeypatch.setattr("convforge.runtime.backends.ort.physical_cores", lambda: (4, "test"))
+    pool, skipped = candidates([str(good)], (1, 8), ["ort-cpu", "openvino"])
+    ort = {c.options for c in pool if c.backend == "ort-cpu" and c.batch_size == 1}
+    assert ort == {
+        (("graph_optimization", "all"),),
+        (("graph_optimization", "all"), ("threads", 1)),
+        (("graph_optimization", "basic"),),
+        (("graph_optimization", "basic"), ("threads", 1)),
+    }
+    if backends.backend_class("openvino").available()[0]:
+        ov = {c.options for c in pool if c.backend == "openvino" and c.batch_size == 8}
+        assert ov == {(("hint", "LATENCY"),), (("hint", "THROUGHPUT"),)}
+    # Threads never change results: one accuracy check covers both thread counts.
+    keys = {c.accuracy_key for c in pool if c.backend == "ort-cpu"}
+    assert keys == {("ort-cpu", str(good), (("graph_optimization", g),)) for g in ("all", "basic")}
+
+
+def test_gpu_candidates_come_from_the_same_table_when_available(models, tmp_path, monkeypatch):
+    good, _ = models
+    fp16 = tmp_path / "digits.fp16.onnx"  # metadata says fp16: enough to generate candidates
+    model = onnx.load(str(good))
+    contract.write_props(model, contract.encode({"precision": "fp16"}))
+    onnx.save(model, str(fp16))
+    for cls in (OrtCuda, OrtTensorRT, TensorRT):
+        monkeypatch.setattr(cls, "available", classmethod(lambda cls: (True, "")))
+    monkeypatch.setattr(
+        TorchProgram, "available", classmethod(lambda cls, device="cpu": (True, ""))
+    )
+    names = ["ort-cuda", "ort-trt", "tensorrt", "torch"]
+    pool, skipped = candidates([str(good), str(fp16)], (1, 8), names)
+    assert skipped == []
+
+    def opts(backend, path, bs):
+        return [c.opts for c in pool if (c.backend, c.file, c.batch_size) == (backend, path, bs)]
+
+    assert opts("ort-cuda", str(fp16), 8) == [{"cuda_graph": False}, {"cuda_graph": True}]
+    profile = {"min_batch": 1, "opt_batch": 1, "max_batch": 8}
+    assert opts("tensorrt", str(good), 1) == [{**profile, "tf32": False}, {**profile, "tf32": True}]
+    assert opts("tensorrt", str(fp16), 8) == [{**profile, "opt_batch": 8, "tf32": False}]
+    assert opts("ort-trt", str(fp16), 1) == [profile]
+    cuda = [o for o in opts("torch", str(good), 1) if o.get("device") == "cuda"]
+    assert {(o["dtype"], o["cuda_graphs"]) for o in cuda} == {
+        ("fp32", False), ("fp32", True), ("fp16", False), ("fp16", True)
+    }  # fmt: skip
+    assert opts("torch", str(fp16), 1) == [{}]  # the .pt2 is fp32: no GPU dtype variants
+    for c in pool:  # every option set is one its backend accepts
+        parse_options(backends.backend_class(c.backend).Options, c.opts, c.backend)
+    # CUDA graphs do not change numerics; fp16 does.
+    keys = {c.accuracy_key for c in pool if c.backend == "torch" and c.file == str(good)}
+    assert len(keys) == 3  # cpu; cuda fp32; cuda fp16
+
+
+def test_an_unavailable_backend_is_skipped_with_its_reason_never_replaced(models, monkeypatch):
+    good, _ = models
+    monkeypatch.setattr(OrtCuda, "available", classmethod(lambda cls: (False, "no GPU here")))
+    pool, skipped = candidates([str(good)], (1,), ["ort-cuda", "ort-cpu"])
+    assert skipped == ["ort-cuda (no GPU here)"]
+    assert {c.backend for c in pool} == {"ort-cpu"}
+    with pytest.raises(UserError, match="unknown backend 'nope'"):
+        candidates([str(good)], (1,), ["nope"])
+
+
+def test_tune_keeps_the_accuracy_budget_and_chooses_the_fastest(models, labelled, tmp_path):
+    good, broken = models
+    images, labels = labelled
+    cfg = TuneConfig(batch_sizes=(1, 4), **QUICK)
+    plan = tune([good, broken], images, labels, cfg, names=["ort-cpu"], dataset="digits")
+    reference = _top1(good, images, labels)
+    noisy = _top1(broken, images, labels)
+    assert reference - noisy > 0.05  # the noise really hurts (a check of the fixture)
+    assert plan.model == str(good) and plan.accuracy["reference"] == pytest.approx(reference)
+    assert plan.accuracy["metric"] == "top1" and plan.accuracy["images"] == len(images)
+    rejected = [r for r in plan.candidates if r["file"] == str(broken)]
+    assert rejected and all(r["status"] == "rejected" for r in rejected)
+    assert rejected[0]["accuracy"] == pytest.approx(noisy)
+    assert rejected[0]["accuracy_delta_points"] == pytest.approx((noisy - reference) * 100)
+    assert [e.batch_size for e in plan.entries] == [1, 4]
+    for entry in plan.entries:
+        assert entry.file == str(good) and entry.backend == "ort-cpu"
+        assert entry.accuracy_delta_points >= -0.5 and entry.settings["backend"] == "ort-cpu"
+        assert entry.throughput_ips == pytest.approx(entry.batch_size * 1000 / entry.p50_ms)
+        timed = [
+            r
+            for r in plan.candidates
+            if r["batch_size"] == entry.batch_size and r["status"] in ("chosen", "measured")
+        ]
+        assert entry.p50_ms == min(r["p50_ms"] for r in timed)
+        assert entry.p99_ms >= entry.p50_ms
+    plan.write(tmp_path / "plan.json")
+    assert Plan.read(tmp_path / "plan.json") == plan
+
+
+def test_without_labels_tune_measures_agreement_with_the_fp32_file(models, labelled):
+    good, broken = models
+    images = labelled[0][:40]
+    cfg = TuneConfig(batch_sizes=(2,), max_drop=100.0, **QUICK)
+    plan = tune([good, broken], images, None, cfg, names=["ort-cpu"])
+    assert plan.model == str(good)  # the first fp32 file given is the reference
+    assert plan.accuracy == {**plan.accuracy, "metric": "agreement", "reference": 1.0}
+    own = [r for r in plan.candidates if r["file"] == str(good)]
+    assert all(r["accuracy"] == 1.0 for r in own if r["options"]["graph_optimization"] == "all")
+    with backends.create("ort-cpu", str(good)) as a, backends.create("ort-cpu", str(broken)) as b:
+        from convforge.runtime.preprocess import preprocess
+
+        x = preprocess(images, contract.read_info(good))
+        agree = float(np.mean(a.run(x).argmax(1) == b.run(x).argmax(1)))
+    noisy = next(r for r in plan.candidates if r["file"] == str(broken))
+    assert noisy["accuracy"] == pytest.approx(agree) and noisy["status"] != "rejected"
+
+
+def test_a_tiny_budget_still_measures_one_round_and_halves_the_field(models, labelled):
+    good, _ = models
+    cfg = TuneConfig(batch_sizes=(1,), budget_seconds=0.001, rounds=3, iters=5)
+    plan = tune([good], labelled[0][:20], labelled[1][:20], cfg, names=["ort-cpu"])
+    timed = [r for r in plan.candidates if r["p50_ms"] is not None]
+    assert len(timed) >= 2 and all(r["rounds"] == 1 for r in timed)
+    assert [r["status"] for r in timed].count("chosen") == 1
+    others = [r for r in timed if r["status"] != "chosen"]
+    assert all(r["status"] == "pruned" for r in others)
+    assert all("budget" in r["why"] or "x the best" in r["why"] for r in others)
+
+
+def test_prune_drops_slow_candidates_after_round_one_and_halves_to_fit(models):
+    good, _ = models
+
+    def timed(ms):
+        record = {"status": "measured", "why": ""}
+        return _Timed(record, OrtCpu(str(good)), np.zeros(1), rounds=[[ms, ms, ms]])
+
+    field = [timed(1.0), timed(1.5), timed(5.0)]
+    cfg = TuneConfig(rounds=5, prune_ratio=2.0)
+    kept = _prune(field, done=1, left=100.0, cfg=cfg)
+    assert kept == field[:2]
+    assert field[2].record == {"status": "pruned", "why": "pruned after round 1: 5.0x the best p50"}
+    # 4 more rounds of 3 runs each of 1 ms + 1.5 ms need 30 ms: with 20 ms left, halve.
+    kept = _prune(field[:2], done=1, left=0.020, cfg=cfg)
+    assert kept == field[:1] and "to fit the budget" in field[1].record["why"]
+
+
+def test_tune_refuses_before_measuring(models, labelled, tmp_path):
+    good, _ = models
+    fp16 = tmp_path / "only.fp16.onnx"
+    model = onnx.load(str(good))
+    contract.write_props(model, contract.encode({"precision": "fp16"}))
+    onnx.save(model, str(fp16))
+    with pytest.raises(UserError, match="needs the fp32 file among its files"):
+        tune([fp16], labelled[0], labelled[1], TuneConfig(**QUICK))
+    with pytest.raises(UserError, match="does not exist"):
+        tune([tmp_path / "none.onnx"], labelled[0], labelled[1])
+    with pytest.raises(UserError, match="batch size must be a positive integer, got 0"):
+        tune([good], labelled[0], labelled[1], TuneConfig(batch_sizes=(0,)))
+    with pytest.raises(UserError, match="at least one image"):
+        tune([good], [], None)
+
+
+def test_candidate_labels_and_keys_are_stable():
+    c = Candidate("ort-cpu", "/m/x.onnx", 8, (("graph_optimization", "all"), ("threads", 1)))
+    assert c.label == "ort-cpu x.onnx graph_optimization=all threads=1"
+    assert c.accuracy_key == ("ort-cpu", "/m/x.onnx", (("graph_optimization", "all"),))
