@@ -2,11 +2,11 @@
 
 One module per command group: :mod:`.builder` (models, diagnose, train,
 finetune, augment-preview), :mod:`.export` (export, inspect), :mod:`.runtime`
-(predict, bench) and :mod:`.demo`. A command's parser is built only when that
-command runs, from the settings dataclasses of the part it calls
-(:mod:`.options`): ``convforge predict`` never imports torch, and a command
-whose extra is not installed says which one in a line before anything else
-happens (:mod:`convforge.extras`).
+(predict, bench, backends, serve), :mod:`.tune` (tune, and ``--plan``) and
+:mod:`.demo`. A command's parser is built only when that command runs, from the
+settings dataclasses of the part it calls (:mod:`.options`): ``convforge predict``
+never imports torch, and a command whose extra is not installed says which one in
+a line before anything else happens (:mod:`convforge.extras`).
 
 Every command exits 0 on success, 2 with one line ``convforge: error: ...``
 on a user mistake (no traceback, no usage dump), and 130 when interrupted.
@@ -48,6 +48,7 @@ COMMANDS = {
     "bench": Command("runtime", "latency/throughput per backend x precision x batch size"),
     "backends": Command("runtime", "each backend's options, and whether it runs here"),
     "serve": Command("runtime", "serve models over KServe v2 (HTTP, gRPC)", ("kserve",)),
+    "tune": Command("tune", "fastest backend x precision x settings per batch size: a plan"),
     "demo": Command(
         "demo",
         "the pipeline on the bundled dataset, with a report",
@@ -116,7 +117,7 @@ def _warnings_as_lines():
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, extras.InstallWarning):
+        if category.__module__.startswith("convforge."):  # InstallWarning, PlanWarning, ...
             print(f"convforge: warning: {message}", file=sys.stderr)
         else:
             original(message, category, filename, lineno, file, line)

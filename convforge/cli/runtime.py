@@ -18,6 +18,7 @@ from convforge.cli.options import (
     csv,
     settings_from,
 )
+from convforge.cli.tune import PLAN_HELP, bench_with_plan, serve_with_plan, use_plan
 from convforge.errors import UserError
 
 BACKEND_HELP = "auto, ort-cpu, ort-cuda, ort-trt, tensorrt, openvino or torch"
@@ -36,6 +37,7 @@ def predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--backend", default="auto", help=f"{BACKEND_HELP} (default: auto)")
     add_backend_options(p, "torch.device=cuda")
+    p.add_argument("--plan", help=PLAN_HELP + " (the entry closest to the number of images)")
     p.add_argument(
         "-v", "--verbose", action="store_true", help="say which backends auto skipped, and why"
     )
@@ -50,7 +52,13 @@ def cmd_predict(args) -> int:
     if args.backend == "auto":
         extras.require_engine("convforge predict")
     options = backend_options(args.set, BACKENDS)
-    with load(args.model, backend=args.backend, **options.get(args.backend, {})) as model:
+    if args.plan:
+        conflicts = {"--backend": args.backend != "auto", "--set": bool(args.set)}
+        plan = use_plan(args.plan, [args.model], conflicts)
+        opened = plan.load_model(min(len(args.images), 32), check=False)
+    else:
+        opened = load(args.model, backend=args.backend, **options.get(args.backend, {}))
+    with opened as model:
         results = model.predict(args.images, topk=args.topk)
         ran = model.backend.describe()
         skipped = model.skipped
@@ -98,6 +106,9 @@ def bench_parser(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--compare", help="baseline bench JSON: flag slower p50s")
     g.add_argument(
+        "--plan", help=PLAN_HELP + ": the entry closest to each batch size (default: the plan's)"
+    )
+    g.add_argument(
         "--threshold",
         type=float,
         default=0.10,
@@ -126,7 +137,10 @@ def cmd_bench(args) -> int:
     cfg = settings_from(bench.BenchConfig, args)
     options = backend_options(args.set, BACKENDS)
     labelled = _labelled_images(args.accuracy, args.models[0]) if args.accuracy else None
-    records, skipped = bench.bench_matrix(args.models, names, cfg, options, labelled)
+    if args.plan:
+        records, skipped = bench_with_plan(args, cfg, labelled), []
+    else:
+        records, skipped = bench.bench_matrix(args.models, names, cfg, options, labelled)
     env = bench.environment()
     regressions = []
     if args.compare:
@@ -161,12 +175,13 @@ def cmd_bench(args) -> int:
     return 1 if regressions else 0
 
 
-def _labelled_images(spec: str, model_path: str):
-    """Raw validation images (uint8 HxW[xC]) and labels of dataset ``spec`` for --accuracy.
+def _labelled_images(spec: str, model_path: str, what: str = "convforge bench --accuracy"):
+    """Raw validation images (uint8 HxW[xC]) and labels of dataset ``spec`` for ``what``
+    (--accuracy, tune --dataset).
 
     The datasets are the builder's, so this needs the train extra.
     """
-    extras.require("convforge bench --accuracy", "torch", "torchvision", "sklearn")
+    extras.require(what, "torch", "torchvision", "sklearn")
     from convforge.builder.data.sources import load_dataset
     from convforge.contract import read_info
 
@@ -175,7 +190,7 @@ def _labelled_images(spec: str, model_path: str):
     if list(bundle.classes) != list(info.classes):
         raise UserError(
             f"dataset {spec!r} has classes {bundle.classes[:5]}..., the model "
-            f"{info.classes[:5]}...; --accuracy needs the model's own classes"
+            f"{info.classes[:5]}...; {what} needs the model's own classes"
         )
     images = []
     for i in range(len(bundle.val)):
@@ -233,29 +248,35 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
     add_settings(p, ServeConfig, "server")
     add_settings(p, BatchingConfig, "batching")
     add_backend_options(p, "ort-cpu.threads=2")
+    p.add_argument("--plan", help=PLAN_HELP + " (the entry closest to --max-batch-size)")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     import asyncio
 
-    from convforge.runtime.backends import BACKENDS
-    from convforge.runtime.serve.batcher import BatchingConfig
-    from convforge.runtime.serve.server import ServeConfig, serve
+    from convforge.runtime.serve.server import serve
 
     if args.backend == "auto":
         extras.require_engine("convforge serve")
-    options = backend_options(args.set, BACKENDS)
-    config = settings_from(
-        ServeConfig,
-        args,
-        models=model_names(args.models),
-        options=options.get(args.backend, {}),
-        batching=settings_from(BatchingConfig, args).check(),
-    )
-    asyncio.run(serve(config, on_ready=_announce))
+    asyncio.run(serve(serve_config(args), on_ready=_announce))
     print("convforge serve: stopped", flush=True)
     return 0
+
+
+def serve_config(args):
+    """The ServeConfig that ``convforge serve`` runs for ``args`` (with --plan: the plan's)."""
+    from convforge.runtime.backends import BACKENDS
+    from convforge.runtime.serve.batcher import BatchingConfig
+    from convforge.runtime.serve.server import ServeConfig
+
+    options = backend_options(args.set, BACKENDS)
+    models = model_names(args.models)
+    batching = settings_from(BatchingConfig, args).check()
+    if args.plan:
+        return serve_with_plan(args, models, batching)
+    return settings_from(ServeConfig, args, models=models,
+                         options=options.get(args.backend, {}), batching=batching)  # fmt: skip
 
 
 def model_names(items: list[str]) -> dict[str, str]:

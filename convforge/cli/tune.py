@@ -1,0 +1,226 @@
+"""``convforge tune``, and ``--plan`` for ``predict``, ``bench`` and ``serve``.
+
+``tune`` checks everything it can before the search (files, backends, output
+folder, the images), runs :func:`convforge.runtime.tune.tune` with a progress
+bar, writes the plan and prints every candidate and the choice per batch size.
+
+An exported file does not name the dataset it was trained on (the file
+contract has no such key), so the accuracy check needs one of:
+``--dataset SPEC`` (its labelled validation split: top-1 against the labels;
+the builder loads it, so this needs the train extra) or ``--images PATH...``
+(image files or folders, unlabelled: top-1 agreement with the fp32 file; no
+torch needed). Without either, tune stops before measuring anything.
+
+With ``--plan``, the model files given must be ones the plan was made for
+(the reference or a variant, by path or content); the plan's entry then runs
+as tuned: predict takes the entry closest to the number of images (at most
+32, its chunk), bench the entry closest to each batch size (default: the
+plan's), serve the entry closest to ``--max-batch-size`` (under load the
+batcher fills batches up to it). ``--backend``/``--backends``/``--set`` with
+``--plan`` are an error: the plan says what runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from convforge import extras
+from convforge.cli.options import add_json, add_settings, csv, settings_from
+from convforge.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+PLAN_HELP = "a plan from `convforge tune`: run its backend, file and options"
+
+
+def tune_parser(p: argparse.ArgumentParser) -> None:
+    from convforge.runtime.tune import TuneConfig
+
+    p.description = (
+        "Find the fastest backend x precision variant x settings per batch size on this "
+        "machine, within an accuracy budget against the fp32 file, and write a plan that "
+        "predict, bench and serve run with --plan. Candidates are timed in interleaved "
+        "rounds (medians over rounds); slow ones are pruned to fit --budget-seconds."
+    )
+    p.add_argument("models", nargs="+", help="the fp32 .onnx and its variants (fp16, int8, ...)")
+    g = p.add_argument_group("accuracy check (one is needed: files do not name their dataset)")
+    g.add_argument("--dataset", help="dataset spec: top-1 on its labelled val split (needs torch)")
+    g.add_argument(
+        "--images", nargs="+", metavar="PATH", help="image files or folders: top-1 agreement "
+        "with the fp32 file (unlabelled)",
+    )  # fmt: skip
+    p.add_argument(
+        "--backends", default="available", help="comma-separated backends, or 'available' "
+        "(every one that runs here)",
+    )  # fmt: skip
+    add_settings(p, TuneConfig, "search")
+    p.add_argument("-o", "--output", required=True, help="the plan to write (JSON)")
+    add_json(p)
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    from convforge.contract import read_info
+    from convforge.runtime.backends import BACKENDS
+    from convforge.runtime.tune import TuneConfig, tune
+
+    extras.require_engine("convforge tune")
+    cfg = settings_from(TuneConfig, args).check()
+    for path in args.models:
+        read_info(path)  # UserError: missing or not a model
+    names = None
+    if args.backends != "available":
+        names = csv(args.backends)
+        unknown = [n for n in names if n not in BACKENDS]
+        if unknown or not names:
+            raise UserError(
+                f"unknown backend {', '.join(map(repr, unknown)) or repr(args.backends)}; "
+                f"choose from: {', '.join(BACKENDS)} or 'available'"
+            )
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    if args.dataset and args.images:
+        raise UserError("give --dataset or --images, not both")
+    if args.dataset:
+        from convforge.cli.runtime import _labelled_images
+
+        images, labels = _labelled_images(args.dataset, args.models[0], "convforge tune --dataset")
+    elif args.images:
+        images, labels = image_files(args.images), None
+    else:
+        raise UserError(
+            f"{args.models[0]} does not name its dataset; give --dataset SPEC (top-1 on its "
+            "labelled val split, e.g. digits) or --images PATH... (agreement with the fp32 file)"
+        )
+    plan = tune(args.models, images, labels, cfg, names, progress=not args.json,
+                dataset=args.dataset)  # fmt: skip
+    plan.write(out)
+    if args.json:
+        print(json.dumps({"format": plan.format, **dataclasses.asdict(plan)}, indent=2))
+        return 0
+    print(format_plan(plan))
+    print(f"wrote {out}")
+    return 0
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """Image files among ``paths``, folders searched recursively (by suffix), sorted;
+    UserError for a path that does not exist or a folder without images."""
+    files: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found = sorted(f for f in item.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {item} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise UserError(f"image {item} does not exist")
+    return files
+
+
+def format_plan(plan) -> str:
+    """Every candidate (a table), then the choice per batch size, skips and the machine."""
+    from convforge.console import format_table
+
+    def num(value, digits):
+        return "-" if value is None else round(value, digits)
+
+    rows = [
+        [
+            r["batch_size"], r["backend"], Path(r["file"]).name, _options(r["options"]),
+            num(r["accuracy_delta_points"], 2), num(r["p50_ms"], 3), num(r["p99_ms"], 3),
+            num(r["throughput_ips"], 1), r["status"], r["why"] if r["status"] != "chosen" else "",
+        ]
+        for r in sorted(plan.candidates, key=lambda r: (r["batch_size"], r["p50_ms"] or 1e30))
+    ]  # fmt: skip
+    headers = ["batch", "backend", "file", "settings", "top-1 pts", "p50 ms", "p99 ms",
+               "images/s", "status", "why"]  # fmt: skip
+    acc = plan.accuracy
+    metric = "top-1" if acc["metric"] == "top1" else "top-1 agreement with the fp32 file"
+    lines = [
+        format_table(headers, rows),
+        "",
+        f"accuracy: {metric} on {acc['images']} images"
+        + (f" of {acc['dataset']}" if acc["dataset"] else "")
+        + f"; reference {Path(plan.model).name} on {acc['reference_backend']}: "
+        f"{acc['reference']:.2%}; at most {acc['max_drop_points']} points below allowed",
+    ]
+    for e in plan.entries:
+        lines.append(
+            f"batch {e.batch_size}: {e.backend} {Path(e.file).name} {_options(e.options)} "
+            f"({e.precision}): p50 {e.p50_ms:.3f} ms, p99 {e.p99_ms:.3f} ms, "
+            f"{e.throughput_ips:,.0f} images/s, top-1 {e.accuracy_delta_points:+.2f} points"
+        )
+    lines += [f"skipped: {s}" for s in plan.skipped]
+    env, search = plan.environment, plan.search
+    gpu = f", {env['gpu']}" if env.get("gpu") else ""
+    lines.append(
+        f"{env.get('cpu')}, {env.get('logical_cores')} logical cores{gpu}; searched "
+        f"{search['candidates']} candidates in {search['seconds']} s "
+        f"(budget {search['budget_seconds']:g} s)"
+    )
+    return "\n".join(lines)
+
+
+def _options(options: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+
+
+# -- --plan for predict, bench and serve -------------------------------------------------------
+
+
+def use_plan(path: str, models: list[str], conflicts: dict[str, bool]):
+    """The plan at ``path`` after checking that no option in ``conflicts`` was given (the
+    plan says what runs), that every file in ``models`` belongs to it, and the machine
+    (a warning when the plan was measured elsewhere)."""
+    from convforge.runtime.plan import Plan
+
+    given = [flag for flag, set_ in conflicts.items() if set_]
+    if given:
+        raise UserError(f"--plan runs the plan's backend and options; drop {' and '.join(given)}")
+    plan = Plan.read(path)
+    for model in models:
+        plan.check_model(model)
+    plan.check_environment()
+    return plan
+
+
+def bench_with_plan(args, cfg, labelled) -> list[dict]:
+    """``bench --plan``'s records: the plan's entry closest to each batch size (the
+    plan's own batch sizes unless --batch-sizes names others)."""
+    from convforge.runtime.bench import BenchConfig
+    from convforge.runtime.plan import bench_plan
+
+    plan = use_plan(args.plan, args.models, {"--backends": args.backends != "available",
+                                             "--set": bool(args.set)})  # fmt: skip
+    if cfg.batch_sizes == BenchConfig().batch_sizes:
+        cfg = dataclasses.replace(cfg, batch_sizes=tuple(e.batch_size for e in plan.entries))
+    if not args.json:
+        for bs in cfg.batch_sizes:
+            e = plan.entry(bs)
+            print(f"plan, batch {bs}: {e.backend} {Path(e.file).name} {_options(e.options)}")
+    return bench_plan(plan, cfg, labelled)
+
+
+def serve_with_plan(args, models: dict[str, str], batching):
+    """``serve --plan``'s ServeConfig: the one model given, served from the plan's file,
+    backend and options of the entry closest to ``--max-batch-size``."""
+    from convforge.runtime.serve.server import ServeConfig
+
+    if len(models) != 1:
+        raise UserError(f"--plan serves one model (its plan's), got {len(models)}")
+    plan = use_plan(args.plan, list(models.values()), {"--backend": args.backend != "auto",
+                                                       "--set": bool(args.set)})  # fmt: skip
+    entry = plan.entry(batching.max_batch_size)
+    plan.check_file(entry)
+    (name,) = models
+    return settings_from(ServeConfig, args, models={name: entry.file}, backend=entry.backend,
+                         options=dict(entry.options), batching=batching)  # fmt: skip
+
+
+PARSERS = {"tune": tune_parser}
