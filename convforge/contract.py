@@ -1,8 +1,9 @@
 """The file contract between export and runtime: names, metadata keys, their encoding.
 
 An exported ``.onnx`` takes images through the graph input :data:`INPUT_NAME`
-(float32 [N, C, H, W], N dynamic and named :data:`BATCH_DIM`) and gives class
-scores through the output :data:`OUTPUT_NAME` (float32 [N, K]). What the
+(float32 [N, C, H, W], N dynamic and named :data:`BATCH_DIM`; or, for a raw-pixel
+variant, uint8 [N, H, W, C]: see :data:`INPUT_FORMATS`) and gives class scores
+through the output :data:`OUTPUT_NAME` (float32 [N, K]). What the
 runtime needs to serve it (preprocessing, class names, precision) rides in the
 file's ``metadata_props`` under the keys of :data:`KEYS`, each prefixed with
 :data:`PREFIX`. ONNX stores strings only: a string value is stored as-is,
@@ -35,6 +36,13 @@ PREFIX = "convforge."  # of every metadata_props key convforge writes
 PT2_METADATA = "convforge.json"  # extra file of the .pt2 archive holding the metadata
 _QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
 
+# The value of the ``input_format`` key -> (numpy dtype name, layout) of the graph input.
+# float32: preprocessed, normalized images (the default; a file without the key is one).
+# uint8: raw pixels 0-255 as decoders hand them out, height x width x channels, so a client
+# sends the decoded buffer as is; the graph does the /255, mean and std itself
+# (convforge.export.input_format).
+INPUT_FORMATS = {"float32": ("float32", "NCHW"), "uint8": ("uint8", "NHWC")}
+
 # key (without PREFIX) -> what its value means. Strings are stored as-is, the rest as JSON.
 KEYS = {
     "version": "convforge version that wrote the file",
@@ -51,6 +59,8 @@ KEYS = {
     "calibration": 'int8 only: {"method": ..., "samples": ...}',
     "folded_bn": "BatchNorm layers folded into convolutions",
     "source_sha256": "sha256 of the checkpoint the model came from",
+    "input_format": "float32 (normalized [N, C, H, W], the default when absent) or uint8 "
+    "(pixels 0-255 [N, H, W, C]; /255, mean and std inside the graph)",
 }
 
 
@@ -171,11 +181,27 @@ def write_props(model, props: Mapping[str, str], replace_all: bool = False) -> N
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model takes: float32 [N, channels, height, width], N dynamic."""
+    """What the model takes: ``dtype`` batches in ``layout``, N dynamic.
+
+    float32 NCHW (normalized images) unless the file's ``input_format`` is
+    uint8, which is NHWC pixels (see :data:`INPUT_FORMATS`).
+    """
 
     channels: int
     height: int
     width: int
+    dtype: str = "float32"  # numpy dtype name of the graph input
+    layout: str = "NCHW"  # NCHW or NHWC
+
+    def shape(self, n: int) -> tuple[int, int, int, int]:
+        """The input shape of a batch of ``n`` in this spec's layout."""
+        return (n, *self.sample_shape)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """One image: (C, H, W) for NCHW, (H, W, C) for NHWC."""
+        c, h, w = self.channels, self.height, self.width
+        return (h, w, c) if self.layout == "NHWC" else (c, h, w)
 
 
 @dataclass(frozen=True)
@@ -197,6 +223,11 @@ class ModelInfo:
     def int8_target(self) -> str | None:
         """cpu or tensorrt for an int8 export, else None."""
         return self.metadata.get("int8_target")
+
+    @property
+    def input_format(self) -> str:
+        """float32 or uint8: what the graph input takes (see :data:`INPUT_FORMATS`)."""
+        return "uint8" if self.spec.dtype == "uint8" else "float32"
 
 
 def read_info(path: str | os.PathLike) -> ModelInfo:
@@ -259,13 +290,39 @@ def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None]:
     inputs = [i for i in model.graph.input if i.name == INPUT_NAME] or list(model.graph.input)
     if not inputs:
         raise UserError(f"{path} is not a readable ONNX model: it has no inputs")
-    dims = [d.dim_value if d.dim_value > 0 else None for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or None in dims[1:]:
-        raise UserError(f"{path}: input must be [N, C, H, W] with fixed C, H, W; got {dims}")
+    tensor = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim]
     meta = decode(read_props(model))
+    fmt = _input_format(path, meta, tensor.elem_type)
+    dtype, layout = INPUT_FORMATS[fmt]
+    if len(dims) != 4 or None in dims[1:]:
+        axes = ", ".join(layout[1:])  # "C, H, W" or "H, W, C"
+        raise UserError(f"{path}: input must be [N, {axes}] with fixed {axes}; got {dims}")
     meta.setdefault("precision", graph_precision(model))
     symmetric = int8_symmetric(model) if meta["precision"] == "int8" else None
-    return meta, InputSpec(dims[1], dims[2], dims[3]), symmetric
+    c, h, w = (dims[3], dims[1], dims[2]) if layout == "NHWC" else dims[1:]
+    return meta, InputSpec(c, h, w, dtype, layout), symmetric
+
+
+def _input_format(path: Path, meta: dict, elem_type: int) -> str:
+    """The file's input format: its metadata, checked against the graph input's type."""
+    fmt = meta.get("input_format", "float32")
+    if fmt not in INPUT_FORMATS:
+        raise UserError(
+            f"{path}: unknown input_format {fmt!r}; accepted: {', '.join(INPUT_FORMATS)}"
+        )
+    graph_uint8 = elem_type == 2  # TensorProto.UINT8
+    if graph_uint8 and "input_format" not in meta:
+        raise UserError(
+            f"{path}: its input is uint8 but it has no {PREFIX}input_format metadata, so its "
+            "layout is unknown; export it with `convforge export --input-format uint8`"
+        )
+    if graph_uint8 != (fmt == "uint8"):
+        raise UserError(
+            f"{path}: its metadata says input_format {fmt}, but the graph input is "
+            f"{'uint8' if graph_uint8 else 'not uint8'}"
+        )
+    return fmt
 
 
 def _pt2_metadata(path: Path) -> dict:

@@ -120,3 +120,39 @@ def test_unreadable_files_are_user_errors(tmp_path):
 def test_sha256(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     assert contract.sha256_of(tmp_path / "f").startswith("ba7816bf")
+
+
+def _pixels_model(props, elem_type=TensorProto.UINT8):
+    """``_model`` with its input replaced by [batch, 4, 4, 3] of ``elem_type`` (NHWC pixels)."""
+    model = _model(props=props)
+    model.graph.input[0].CopyFrom(
+        helper.make_tensor_value_info("input", elem_type, ["batch", 4, 4, 3])
+    )
+    return model
+
+
+def test_the_input_format_round_trips(tmp_path):
+    props = {**_props(), **contract.encode({"input_format": "uint8"})}
+    onnx.save(_pixels_model(props), tmp_path / "m.onnx")
+    info = contract.read_info(tmp_path / "m.onnx")
+    assert info.input_format == "uint8" and info.metadata["input_format"] == "uint8"
+    assert info.spec == contract.InputSpec(3, 4, 4, "uint8", "NHWC")
+    assert info.spec.shape(2) == (2, 4, 4, 3) and info.spec.sample_shape == (4, 4, 3)
+    onnx.save(_model(props=_props()), tmp_path / "f.onnx")  # no key: float32, as before
+    info = contract.read_info(tmp_path / "f.onnx")
+    assert info.input_format == "float32" and info.spec.shape(2) == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "fmt, elem_type, message",
+    [
+        ("bgr", TensorProto.UINT8, "unknown input_format 'bgr'; accepted: float32, uint8"),
+        (None, TensorProto.UINT8, "its input is uint8 but it has no convforge.input_format"),
+        ("uint8", TensorProto.FLOAT, "says input_format uint8, but the graph input is not uint8"),
+    ],
+)
+def test_an_input_format_that_does_not_fit_the_graph_is_refused(fmt, elem_type, message, tmp_path):
+    props = {**_props(), **(contract.encode({"input_format": fmt}) if fmt else {})}
+    onnx.save(_pixels_model(props, elem_type), tmp_path / "m.onnx")
+    with pytest.raises(UserError, match=message):
+        contract.read_info(tmp_path / "m.onnx")

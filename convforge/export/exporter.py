@@ -176,6 +176,12 @@ class ExportOptions:
     val_samples: int = setting(512, "validation images that check each export, at most")
     triton_repo: str | None = setting(None, "also write a Triton model repository here")
     triton_max_batch_size: int = setting(32, "the Triton model's max_batch_size")
+    input_format: str = setting(
+        "float32",
+        "float32, or uint8: also write <name>.uint8.onnx (and <name>.fp16.uint8.onnx, "
+        "<name>.int8.uint8.onnx for the variants) taking uint8 [N, H, W, C] pixels, "
+        "/255, mean and std inside the graph",
+    )
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions) -> ExportReport:
@@ -186,6 +192,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     from convforge.export.int8_accuracy import int8_within_budget
 
     check_int("--val-samples", opts.val_samples)
+    check_choice("--input-format", opts.input_format, contract.INPUT_FORMATS)
     if opts.int8:
         check_choice("int8 target", opts.int8_target, INT8_TARGETS)
         check_choice("calibration method", opts.calib_method, CALIBRATION_METHODS)
@@ -252,6 +259,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         optimized = opts.int8_target != "tensorrt"
         _variant(report, "int8", int8, out, reference, samples, labels, optimized, opts)
         report.variants["int8"]["search"] = search
+    if opts.input_format == "uint8":
+        _uint8_variants(report, model, out, samples, labels, opts)
     if opts.triton_repo:
         from convforge.export.triton import write_triton_repo
 
@@ -276,6 +285,36 @@ def _variant(report, name, model, out, reference, samples, labels, optimized=Tru
         model, path, reference, samples, name, labels, source, optimized, max_drop
     )
     report.variants[name] = {"path": str(path), "report": result}
+
+
+def _uint8_variants(report, module, out, samples, labels, opts) -> None:
+    """Beside each file written so far, its uint8-input twin (convforge.export.input_format):
+    ``<name>.uint8.onnx``, ``<name>.fp16.uint8.onnx``, ``<name>.int8.uint8.onnx``.
+
+    Each is validated like its float twin (same precision criterion), on the
+    pixels behind the validation samples, against the original model run on
+    those same pixels normalized in float32 as the evaluation transform does.
+    """
+    from convforge.export import input_format
+
+    meta = contract.decode(contract.read_props(report.model))
+    if samples is None:
+        c, h, w = report.model.graph.input[0].type.tensor_type.shape.dim[1:]
+        shape = (RANDOM_SAMPLES, h.dim_value, w.dim_value, c.dim_value)
+        pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    else:
+        pixels = input_format.pixels_of(samples, meta["mean"], meta["std"])
+    reference = reference_logits(module, input_format.normalized(pixels, meta["mean"], meta["std"]))
+    sources = {"fp32": (report.model, out)}
+    sources.update({k: (onnx.load(v["path"]), Path(v["path"])) for k, v in report.variants.items()})
+    for name, (model, path) in sources.items():
+        target = path.with_suffix(".uint8.onnx")
+        optimized = not (name == "int8" and opts.int8_target == "tensorrt")  # as in _variant
+        result = write_validated(
+            input_format.to_uint8_input(model), target, reference, pixels, name, labels,
+            report.validation.source, optimized, opts.int8_max_drop,
+        )  # fmt: skip
+        report.variants[f"{name}.uint8"] = {"path": str(target), "report": result}
 
 
 def write_validated(

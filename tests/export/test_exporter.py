@@ -145,6 +145,10 @@ def test_cli_export_and_inspect(checkpoint, tmp_path, capsys):
         (["export", "{ckpt}", "-o", "{tmp}/no/dir/m.onnx"], "does not exist"),
         (["export", "{ckpt}", "-o", "{tmp}/m.txt"], "must end in .onnx"),
         (["export", "{ckpt}", "-o", "{tmp}/m.onnx", "--opset", "11"], "opset must be between"),
+        (
+            ["export", "{ckpt}", "-o", "{tmp}/m.onnx", "--input-format", "bgr"],
+            "unknown --input-format 'bgr'; choose one of: float32, uint8",
+        ),
         (["export", "{junk}", "-o", "{tmp}/m.onnx"], "is not a readable PyTorch file"),
         (["inspect", "{junk}"], "is not a readable ONNX model"),
         (["inspect", "{truncated}"], "is not a readable ONNX model"),
@@ -206,3 +210,28 @@ def test_checkpoint_of_an_unknown_architecture(checkpoint, tmp_path):
     with pytest.raises(UserError, match="unknown model 'resnet19'; choose one of"):
         export_checkpoint(tmp_path / "odd.pt", tmp_path / "m.onnx", ExportOptions())
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_uint8_input_variants_match_their_float_twins(checkpoint, tmp_path):
+    from convforge.export.input_format import normalized
+    from convforge.runtime import load
+
+    out = tmp_path / "m.onnx"
+    opts = ExportOptions(int8=True, calib_samples=64, val_samples=64, input_format="uint8")
+    report = export_checkpoint(checkpoint, out, opts)
+    assert set(report.variants) == {"int8", "fp32.uint8", "int8.uint8"}
+    paths = {k: v["path"] for k, v in report.variants.items()}
+    assert paths["fp32.uint8"] == str(tmp_path / "m.uint8.onnx")
+    assert paths["int8.uint8"] == str(tmp_path / "m.int8.uint8.onnx")
+    fp32 = report.variants["fp32.uint8"]["report"]
+    assert fp32.passed and fp32.source == "dataset" and fp32.samples == 64
+    assert max(r.max_rel_diff for r in fp32.runs) <= 1e-5  # exact pixels: float rounding only
+    assert report.variants["int8.uint8"]["report"].passed
+    for name in ("m.uint8.onnx", "m.int8.uint8.onnx"):
+        info = contract.read_info(tmp_path / name)
+        assert info.input_format == "uint8" and info.spec.shape(1) == (1, 16, 16, 1)
+    assert json.loads(out.with_suffix(".export.json").read_text())["variants"]["int8.uint8"]
+    pixels = np.random.default_rng(2).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    with load(out, "ort-cpu") as f, load(tmp_path / "m.uint8.onnx", "ort-cpu") as u:
+        want = f.logits(normalized(pixels, f.info.mean, f.info.std))
+        assert np.abs(u.logits(pixels) - want).max() <= 1e-5 * np.abs(want).max()

@@ -68,7 +68,10 @@ class Backend:
     @property
     def input_dtypes(self) -> tuple[type, ...]:
         """The numpy dtypes :meth:`run` takes (float32; a half-precision engine may take
-        float16 too, halving the host-to-device copy)."""
+        float16 too, halving the host-to-device copy; a file whose input format is uint8
+        takes uint8 pixels only)."""
+        if self.spec is not None and self.spec.dtype == "uint8":
+            return (np.uint8,)
         return (np.float32,)
 
     @property
@@ -96,7 +99,8 @@ class Backend:
         return self
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (float32 [N, K]) for ``batch`` (float32 [N, C, H, W], preprocessed)."""
+        """Logits (float32 [N, K]) for ``batch``: float32 [N, C, H, W], preprocessed, or
+        uint8 [N, H, W, C] pixels for a file whose input format is uint8 (``self.spec``)."""
         if not self._loaded:
             raise RuntimeError(f"{self.name}: call load() before run()")
         self.check(batch)
@@ -165,10 +169,11 @@ def check_batch(batch, spec: InputSpec, dtypes=(np.float32,)) -> None:
     if batch.dtype not in dtypes:
         accepted = " or ".join(np.dtype(d).name for d in dtypes)
         raise UserError(f"input must be {accepted}, got {batch.dtype}")
-    expected = f"[N, {spec.channels}, {spec.height}, {spec.width}]"
+    expected = "[N, " + ", ".join(map(str, spec.sample_shape)) + f"] ({spec.layout})"
     if batch.ndim != 4:
         raise UserError(f"input must be a 4-D batch {expected}, got shape {list(batch.shape)}")
-    n, c, h, w = batch.shape
+    n = batch.shape[0]
+    h, w, c = batch.shape[1:] if spec.layout == "NHWC" else (*batch.shape[2:], batch.shape[1])
     if n == 0:
         raise UserError("input batch is empty")
     if c != spec.channels:

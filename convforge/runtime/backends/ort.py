@@ -1,9 +1,10 @@
 """ONNX Runtime backends: ``ort-cpu``, ``ort-cuda`` and ``ort-trt``.
 
-Each one runs an exported ``.onnx`` (input ``input``: float32 [N, C, H, W], N
-dynamic; output: float32 [N, K] logits). The input spec and the precision come
-from the file itself (:func:`convforge.contract.read_info`): an fp16 or
-int8 export keeps float32 I/O, so every backend takes and returns float32.
+Each one runs an exported ``.onnx`` (input ``input``: float32 [N, C, H, W], or
+uint8 [N, H, W, C] for a uint8-input file, N dynamic; output: float32 [N, K]
+logits). The input spec and the precision come from the file itself
+(:func:`convforge.contract.read_info`): an fp16 or int8 export keeps the float32
+or uint8 input of its fp32 twin and float32 logits.
 
 GPU backends never fall back to the CPU: when the requested execution provider
 is not in the session after creation (onnxruntime-gpu lists CUDA/TensorRT even
@@ -425,10 +426,9 @@ class OrtTensorRT(_OrtGpu):
     def provider_options(self) -> dict:
         if self.spec is None:
             raise RuntimeError(f"{self.name}: provider options need the input spec (load first)")
-        c, h, w = self.spec.channels, self.spec.height, self.spec.width
 
-        def shape(n: int) -> str:
-            return f"{INPUT_NAME}:{n}x{c}x{h}x{w}"
+        def shape(n: int) -> str:  # in the file's layout (NHWC for a uint8-input file)
+            return f"{INPUT_NAME}:" + "x".join(map(str, self.spec.shape(n)))
 
         return {
             "device_id": str(self.device_id),

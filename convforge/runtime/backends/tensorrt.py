@@ -301,9 +301,8 @@ class TensorRT(Backend, DeviceResident):
             # means fp32 (the torch backend's tf32 option works the same way).
             config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
-        chw = (spec.channels, spec.height, spec.width)
-        lo, opt, hi = self.profile
-        profile.set_shape(INPUT_NAME, (lo, *chw), (opt, *chw), (hi, *chw))
+        lo, opt, hi = self.profile  # per-image shape in the file's layout (NHWC for uint8)
+        profile.set_shape(INPUT_NAME, spec.shape(lo), spec.shape(opt), spec.shape(hi))
         config.add_optimization_profile(profile)
 
         # timing caches are per device and TensorRT version (ignore_mismatch=False checks it)
@@ -333,11 +332,10 @@ class TensorRT(Backend, DeviceResident):
         (allocated on first use with cudaMalloc, which aligns to 256 bytes or more)."""
         rt, ctx = self._rt, self._context
         if n not in self._buffers:
-            set_shape(ctx, (n, self.spec.channels, self.spec.height, self.spec.width))
+            set_shape(ctx, self.spec.shape(n))
             out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
             in_dtype, out_dtype = self._dtypes
-            in_bytes = n * self.spec.channels * self.spec.height * self.spec.width
-            in_bytes *= in_dtype.itemsize
+            in_bytes = int(np.prod(self.spec.shape(n))) * in_dtype.itemsize
             out_bytes = int(np.prod(out_shape)) * out_dtype.itemsize
             x = cuda_call(rt, rt.cudaMalloc(in_bytes), "cudaMalloc")
             try:
@@ -349,7 +347,7 @@ class TensorRT(Backend, DeviceResident):
             self._bound = None
         x, y, out_shape = self._buffers[n]
         if self._bound != n:
-            set_shape(ctx, (n, self.spec.channels, self.spec.height, self.spec.width))
+            set_shape(ctx, self.spec.shape(n))
             bind(ctx, INPUT_NAME, x)
             bind(ctx, self._output_name, y)
             self._bound = n

@@ -108,6 +108,16 @@ class TorchProgram(Backend, DeviceResident):
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
         source = Path(self.path)
+        if (
+            source.suffix == ".onnx"
+            and source.is_file()
+            and read_info(source).spec.dtype == "uint8"
+        ):
+            raise UserError(
+                f"the torch backend runs the float .pt2 program (normalized float32 [N, C, H, W]); "
+                f"{source.name} takes uint8 pixels, which it has no program for (give the "
+                "float32-input .onnx it was made from)"
+            )
         if not self.program.is_file() and source.suffix == ".onnx" and source.is_file():
             precision = read_info(source).precision
             if precision != "fp32":
