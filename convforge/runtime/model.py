@@ -51,11 +51,13 @@ class Model:
         self.skipped = list(skipped)  # auto's candidates that could not run it: backend, why
 
     def preprocess(self, images) -> np.ndarray:
-        """float32 [N, C, H, W] for file paths, PIL images or uint8 arrays."""
+        """The input batch for file paths, PIL images or uint8 arrays: float32 [N, C, H, W]
+        normalized, or uint8 [N, H, W, C] pixels for a uint8-input file (no floats made)."""
         return preprocess(images, self.info)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [N, K] logits for a preprocessed batch, run in chunks of ``batch_size``."""
+        """float32 [N, K] logits for a preprocessed batch (as :meth:`preprocess` makes it),
+        run in chunks of ``batch_size``."""
         if isinstance(batch, np.ndarray) and batch.ndim == 4 and len(batch) > self.batch_size:
             return np.concatenate(
                 [
