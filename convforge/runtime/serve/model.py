@@ -10,8 +10,10 @@ it is ready; the batcher starts with the first request, or with ``start()``.
 A request's input is checked against the model before it is queued: one
 tensor, named as the model's input, FP32 (or FP16 where the backend takes
 half-precision batches), shape ``[n, C, H, W]`` with ``n >= 1``, and as many
-values as the shape says. Each mistake is ``kserve.errors.InvalidInput``
-(HTTP 400, gRPC INVALID_ARGUMENT) naming what was wrong.
+values as the shape says; for a file whose input format is uint8, UINT8
+pixels of shape ``[n, H, W, C]`` (JSON values: integers 0-255). Each mistake
+is ``kserve.errors.InvalidInput`` (HTTP 400, gRPC INVALID_ARGUMENT) naming
+what was wrong.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from convforge.runtime.serve.kserve_sdk import (
 )
 from convforge.runtime.serve.metrics import ServerMetrics
 
-DATATYPES = {"FP32": np.float32, "FP16": np.float16}  # v2 datatype -> numpy
+DATATYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}  # v2 datatype -> numpy
 
 
 class ServedModel(kserve.Model):
@@ -69,7 +71,7 @@ class ServedModel(kserve.Model):
         pad_to = self.batching.max_batch_size if first.single_batch_size else None
         for backend in self.backends:
             for n in sorted({pad_to or 1, pad_to or self.batching.max_batch_size}):
-                logits = backend.run(np.zeros((n, *self.sample_shape), np.float32))
+                logits = backend.run(np.zeros(self.info.spec.shape(n), self.info.spec.dtype))
         self.num_classes = int(logits.shape[1])
         self.batcher = Batcher(
             [b.run for b in self.backends], self.batching, pad_to, self.metrics.observer(self.name)
@@ -93,8 +95,15 @@ class ServedModel(kserve.Model):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        spec = self.info.spec
-        return spec.channels, spec.height, spec.width
+        """One row: (C, H, W), or (H, W, C) for a uint8-input file."""
+        return self.info.spec.sample_shape
+
+    @property
+    def datatypes(self) -> list[str]:
+        """The v2 datatypes the input takes (what the loaded backend accepts)."""
+        if not self.backends:  # before load: what the file's input is
+            return [d for d, t in DATATYPES.items() if np.dtype(t) == self.info.spec.dtype][:1]
+        return [d for d, t in DATATYPES.items() if t in self.backends[0].input_dtypes]
 
     def describe(self) -> dict:
         """Backend, precision and settings of the first instance (for the startup log)."""
@@ -103,7 +112,8 @@ class ServedModel(kserve.Model):
     # -- the v2 protocol -------------------------------------------------------------------
 
     def get_input_types(self) -> list[dict]:
-        return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *self.sample_shape]}]
+        shape = [-1, *self.sample_shape]
+        return [{"name": INPUT_NAME, "datatype": self.datatypes[0], "shape": shape}]
 
     def get_output_types(self) -> list[dict]:
         return [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, self.num_classes or -1]}]
@@ -137,7 +147,7 @@ class ServedModel(kserve.Model):
             raise errors.InvalidInput(
                 f"{self.name} has no input {tensor.name!r}; its input is {INPUT_NAME!r}"
             )
-        accepted = [d for d, t in DATATYPES.items() if t in self.backends[0].input_dtypes]
+        accepted = self.datatypes
         if tensor.datatype not in accepted:
             raise errors.InvalidInput(
                 f"input {INPUT_NAME!r} must be {' or '.join(accepted)}, got {tensor.datatype}"
@@ -146,16 +156,29 @@ class ServedModel(kserve.Model):
         want = [-1, *self.sample_shape]
         if len(shape) != 4 or shape[0] < 1 or shape[1:] != want[1:]:
             raise errors.InvalidInput(
-                f"input {INPUT_NAME!r} must have shape {want} (-1: any batch >= 1), got {shape}"
+                f"input {INPUT_NAME!r} must have shape {want} ({self.info.spec.layout}, -1: any "
+                f"batch >= 1), got {shape}"
             )
+        if tensor.datatype == "UINT8" and isinstance(tensor.data, list):
+            _check_pixels(tensor.data)  # numpy would wrap 256 to 0 or truncate 1.5 silently
         try:
             rows = tensor.as_numpy()
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             raise errors.InvalidInput(
                 f"input {INPUT_NAME!r}: its data does not fill shape {shape} of "
                 f"{tensor.datatype} ({str(e).splitlines()[0]})"
             ) from None
         return np.ascontiguousarray(rows)
+
+
+def _check_pixels(data: list) -> None:
+    """InvalidInput unless JSON ``data`` for a UINT8 tensor holds integers 0-255 only."""
+    try:
+        values = np.asarray(data)
+    except ValueError:  # ragged nesting
+        values = np.asarray([], dtype=object)
+    if values.dtype.kind not in "iu" or (values.size and (values.min() < 0 or values.max() > 255)):
+        raise errors.InvalidInput(f"input {INPUT_NAME!r}: UINT8 data must be integers 0-255")
 
 
 async def load_all(models: list[ServedModel]) -> None:
