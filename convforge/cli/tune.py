@@ -147,8 +147,9 @@ def format_plan(plan) -> str:
         "",
         f"accuracy: {metric} on {acc['images']} images"
         + (f" of {acc['dataset']}" if acc["dataset"] else "")
-        + f"; reference {Path(plan.model).name} on {acc['reference_backend']}: "
-        f"{acc['reference']:.2%}; at most {acc['max_drop_points']} points below allowed",
+        + f" (one image: {100 / acc['images']:.2g} points); reference "
+        f"{Path(plan.model).name} on {acc['reference_backend']}: {acc['reference']:.2%}; "
+        f"at most {acc['max_drop_points']} points below allowed",
     ]
     for e in plan.entries:
         lines.append(
