@@ -34,6 +34,7 @@ accuracy budget, measured on this machine (after Triton's Model Analyzer).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from dataclasses import dataclass, field
@@ -88,8 +89,9 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
     from tqdm import tqdm
 
     cfg = (cfg or TuneConfig()).check()
+    cfg = dataclasses.replace(cfg, batch_sizes=tuple(sorted(set(cfg.batch_sizes))))
     start = time.perf_counter()
-    files = [str(Path(f).resolve()) for f in files]
+    files = list(dict.fromkeys(str(Path(f).resolve()) for f in files))  # once each
     infos = {f: read_info(f) for f in files}
     reference = next((f for f in files if infos[f].precision == "fp32"), None)
     if reference is None:

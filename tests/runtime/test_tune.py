@@ -123,8 +123,9 @@ def test_an_unavailable_backend_is_skipped_with_its_reason_never_replaced(models
 def test_tune_keeps_the_accuracy_budget_and_chooses_the_fastest(models, labelled, tmp_path):
     good, broken = models
     images, labels = labelled
-    cfg = TuneConfig(batch_sizes=(1, 4), **QUICK)
-    plan = tune([good, broken], images, labels, cfg, names=["ort-cpu"], dataset="digits")
+    cfg = TuneConfig(batch_sizes=(4, 1, 4), **QUICK)  # planned once each, ascending
+    plan = tune([good, broken, good], images, labels, cfg, names=["ort-cpu"], dataset="digits")
+    assert list(plan.files) == [str(good), str(broken)]
     reference = _top1(good, images, labels)
     noisy = _top1(broken, images, labels)
     assert reference - noisy > 0.05  # the noise really hurts (a check of the fixture)
