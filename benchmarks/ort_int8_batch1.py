@@ -122,7 +122,12 @@ def graph(path: Path) -> dict:
     """Op histogram of ONNX Runtime's optimized graph and its profiler's time per op type."""
     with tempfile.TemporaryDirectory() as tmp:
         optimized = f"{tmp}/optimized.onnx"
-        s = session(path, optimized_model_filepath=optimized, enable_profiling=True)
+        s = session(
+            path,
+            optimized_model_filepath=optimized,
+            enable_profiling=True,
+            profile_file_prefix=f"{tmp}/profile",
+        )
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
         for _ in range(30):
             s.run(None, {"input": x})

@@ -59,6 +59,8 @@ KEYS = {
     "calibration": 'int8 only: {"method": ..., "samples": ...}',
     "folded_bn": "BatchNorm layers folded into convolutions",
     "source_sha256": "sha256 of the checkpoint the model came from",
+    "dataset": '{"spec": ..., "val_fraction": ..., "seed": ...}: the dataset the model was '
+    "trained on and how its validation split was drawn (what tune checks accuracy on)",
     "input_format": "float32 (normalized [N, C, H, W], the default when absent) or uint8 "
     "(pixels 0-255 [N, H, W, C]; /255, mean and std inside the graph)",
 }
@@ -101,23 +103,25 @@ def metadata(
     source_sha256: str,
     folded_bn: int = 0,
     precision: str = "fp32",
+    dataset: dict | None = None,
 ) -> dict[str, str]:
     """The encoded metadata of one fp32 export (variants update ``precision`` and add keys)."""
-    return encode(
-        {
-            "version": __version__,
-            "arch": arch,
-            "classes": list(classes),
-            "mean": list(mean),
-            "std": list(std),
-            "input_size": input_size,
-            "resize_size": resize_size,
-            "channels": channels,
-            "precision": precision,
-            "folded_bn": folded_bn,
-            "source_sha256": source_sha256,
-        }
-    )
+    values = {
+        "version": __version__,
+        "arch": arch,
+        "classes": list(classes),
+        "mean": list(mean),
+        "std": list(std),
+        "input_size": input_size,
+        "resize_size": resize_size,
+        "channels": channels,
+        "precision": precision,
+        "folded_bn": folded_bn,
+        "source_sha256": source_sha256,
+    }
+    if dataset:
+        values["dataset"] = dict(dataset)
+    return encode(values)
 
 
 def graph_precision(model) -> str:

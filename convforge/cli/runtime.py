@@ -175,18 +175,20 @@ def cmd_bench(args) -> int:
     return 1 if regressions else 0
 
 
-def _labelled_images(spec: str, model_path: str, what: str = "convforge bench --accuracy"):
+def _labelled_images(spec: str, model_path: str, what: str = "convforge bench --accuracy", **split):
     """Raw validation images (uint8 HxW[xC]) and labels of dataset ``spec`` for ``what``
-    (--accuracy, tune --dataset).
+    (--accuracy, tune).
 
-    The datasets are the builder's, so this needs the train extra.
+    ``split``: ``val_fraction`` and ``seed`` of the validation split (the
+    builder's defaults otherwise). The datasets are the builder's, so this
+    needs the train extra.
     """
     extras.require(what, "torch", "torchvision", "sklearn")
     from convforge.builder.data.sources import load_dataset
     from convforge.contract import read_info
 
     info = read_info(model_path)
-    bundle = load_dataset(spec, channels=info.spec.channels)
+    bundle = load_dataset(spec, channels=info.spec.channels, **split)
     if list(bundle.classes) != list(info.classes):
         raise UserError(
             f"dataset {spec!r} has classes {bundle.classes[:5]}..., the model "

@@ -4,12 +4,13 @@
 folder, the images), runs :func:`convforge.runtime.tune.tune` with a progress
 bar, writes the plan and prints every candidate and the choice per batch size.
 
-An exported file does not name the dataset it was trained on (the file
-contract has no such key), so the accuracy check needs one of:
-``--dataset SPEC`` (its labelled validation split: top-1 against the labels;
-the builder loads it, so this needs the train extra) or ``--images PATH...``
-(image files or folders, unlabelled: top-1 agreement with the fp32 file; no
-torch needed). Without either, tune stops before measuring anything.
+The accuracy check runs on the first file's own dataset: a convforge export
+names it, with how its validation split was drawn, in its ``dataset``
+metadata (top-1 against the labels; the builder loads it, so this needs the
+train extra). ``--dataset SPEC`` names another labelled dataset;
+``--images PATH...`` (image files or folders, unlabelled) checks top-1
+agreement with the fp32 file and needs no torch. When none of these can be
+had, tune stops before measuring anything.
 
 With ``--plan``, the model files given must be ones the plan was made for
 (the reference or a variant, by path or content); the plan's entry then runs
@@ -45,7 +46,7 @@ def tune_parser(p: argparse.ArgumentParser) -> None:
         "rounds (medians over rounds); slow ones are pruned to fit --budget-seconds."
     )
     p.add_argument("models", nargs="+", help="the fp32 .onnx and its variants (fp16, int8, ...)")
-    g = p.add_argument_group("accuracy check (one is needed: files do not name their dataset)")
+    g = p.add_argument_group("accuracy check (default: the dataset the first file names)")
     g.add_argument("--dataset", help="dataset spec: top-1 on its labelled val split (needs torch)")
     g.add_argument(
         "--images", nargs="+", metavar="PATH", help="image files or folders: top-1 agreement "
@@ -84,19 +85,9 @@ def cmd_tune(args) -> int:
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
     if args.dataset and args.images:
         raise UserError("give --dataset or --images, not both")
-    if args.dataset:
-        from convforge.cli.runtime import _labelled_images
-
-        images, labels = _labelled_images(args.dataset, args.models[0], "convforge tune --dataset")
-    elif args.images:
-        images, labels = image_files(args.images), None
-    else:
-        raise UserError(
-            f"{args.models[0]} does not name its dataset; give --dataset SPEC (top-1 on its "
-            "labelled val split, e.g. digits) or --images PATH... (agreement with the fp32 file)"
-        )
+    images, labels, dataset = _accuracy_data(args)
     plan = tune(args.models, images, labels, cfg, names, progress=not args.json,
-                dataset=args.dataset)  # fmt: skip
+                dataset=dataset)  # fmt: skip
     plan.write(out)
     if args.json:
         print(json.dumps({"format": plan.format, **dataclasses.asdict(plan)}, indent=2))
@@ -104,6 +95,37 @@ def cmd_tune(args) -> int:
     print(format_plan(plan))
     print(f"wrote {out}")
     return 0
+
+
+def _accuracy_data(args) -> tuple[list, list | None, str | None]:
+    """Images, labels (None: agreement with fp32) and dataset name for tune's accuracy check.
+
+    ``--dataset`` or ``--images`` when given, else the dataset the first file's
+    metadata names (convforge exports record it, with its validation split).
+    """
+    from convforge.cli.runtime import _labelled_images
+    from convforge.contract import read_info
+
+    what = "convforge tune"
+    if args.dataset:
+        return (*_labelled_images(args.dataset, args.models[0], f"{what} --dataset"), args.dataset)
+    if args.images:
+        return image_files(args.images), None, None
+    own = read_info(args.models[0]).metadata.get("dataset")
+    if not own:
+        raise UserError(
+            f"{args.models[0]} does not name its dataset; give --dataset SPEC (top-1 on its "
+            "labelled val split, e.g. digits) or --images PATH... (agreement with the fp32 file)"
+        )
+    try:
+        split = {"val_fraction": own["val_fraction"], "seed": own["seed"]}
+        images, labels = _labelled_images(own["spec"], args.models[0], what, **split)
+    except UserError as e:
+        raise UserError(
+            f"{args.models[0]} was trained on {own['spec']}, which cannot be loaded here ({e}); "
+            "give --dataset SPEC or --images PATH..."
+        ) from None
+    return images, labels, own["spec"]
 
 
 def image_files(paths: list[str]) -> list[Path]:

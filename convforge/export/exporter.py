@@ -224,6 +224,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         resize_size=data.get("resize_size", data["input_size"]),
         channels=data["channels"],
         source_sha256=contract.sha256_of(checkpoint),
+        dataset=_dataset(ck),
     )
     samples, labels, calib = _images(ck, opts)
     report = export_onnx(
@@ -349,6 +350,16 @@ def write_validated(
     return report
 
 
+def _dataset(ck: dict) -> dict:
+    """The checkpoint's dataset and its split, as the ``dataset`` metadata key holds them."""
+    train_cfg = ck.get("train_config", {})
+    return {
+        "spec": ck["data_config"]["dataset"],
+        "val_fraction": train_cfg.get("val_fraction", 0.1),
+        "seed": train_cfg.get("seed", 0),
+    }
+
+
 def _images(ck: dict, opts: ExportOptions):
     """Validation samples + labels and calibration images from the checkpoint's dataset.
 
@@ -358,12 +369,12 @@ def _images(ck: dict, opts: ExportOptions):
     from convforge.builder.data import augment
     from convforge.builder.data.sources import load_dataset
 
-    data, train_cfg = ck["data_config"], ck.get("train_config", {})
+    data, dataset = ck["data_config"], _dataset(ck)
     try:
         bundle = load_dataset(
-            data["dataset"],
-            val_fraction=train_cfg.get("val_fraction", 0.1),
-            seed=train_cfg.get("seed", 0),
+            dataset["spec"],
+            val_fraction=dataset["val_fraction"],
+            seed=dataset["seed"],
             channels=data["channels"],
         )
     except UserError:

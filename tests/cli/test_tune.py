@@ -60,6 +60,38 @@ def test_tune_json_prints_the_plan_it_wrote(tmp_path, capsys):
     assert printed["environment"]["cpu"] == bench.environment()["cpu"]
 
 
+def _with_dataset(tmp_path, spec: str) -> str:
+    """A copy of the fixture whose metadata names its dataset, as convforge's export writes."""
+    import onnx
+
+    from convforge import contract
+
+    model = onnx.load(MODEL)
+    dataset = {"spec": spec, "val_fraction": 0.1, "seed": 0}
+    contract.write_props(model, contract.encode({"dataset": dataset}))
+    path = tmp_path / "digits.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_tune_checks_accuracy_on_the_dataset_the_file_names(tmp_path, capsys):
+    model, out = _with_dataset(tmp_path, "digits"), tmp_path / "plan.json"
+    argv = ["tune", model, "--backends", "ort-cpu", "--batch-sizes", "1", *QUICK, "-o", str(out)]
+    assert main(argv) == 0
+    accuracy = Plan.read(out).accuracy
+    assert accuracy["metric"] == "top1" and accuracy["dataset"] == "digits"
+    assert accuracy["images"] == 179  # digits' stratified 10% validation split, seed 0
+    assert accuracy["reference"] > 0.9
+
+
+def test_tune_says_when_the_files_own_dataset_cannot_be_loaded(tmp_path, capsys):
+    model = _with_dataset(tmp_path, f"imagefolder:{tmp_path / 'gone'}")
+    assert main(["tune", model, "-o", str(tmp_path / "plan.json")]) == 2
+    error = _one_line_error(capsys)
+    assert error.startswith(f"{model} was trained on imagefolder:{tmp_path / 'gone'}, which ")
+    assert error.endswith("; give --dataset SPEC or --images PATH...")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

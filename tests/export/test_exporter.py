@@ -81,6 +81,7 @@ def test_export_checkpoint_writes_metadata_and_report(checkpoint, tmp_path):
     assert info["channels"] == 1 and info["input_size"] == 16 and info["precision"] == "fp32"
     assert info["folded_bn"] == report.fold.folded > 0
     assert info["source_sha256"] == contract.sha256_of(checkpoint)
+    assert info["dataset"] == {"spec": "digits", "val_fraction": 0.1, "seed": 0}
     saved = json.loads(out.with_suffix(".export.json").read_text())
     assert saved["validation"]["passed"] and saved["batchnorm_nodes"] == 0
 
