@@ -36,11 +36,20 @@ trained module):
 Both int8 peers calibrate on 256 training images, like convforge's export.
 
 **convforge** paths: ``convforge export --int8`` (``--int8-target cpu``,
-minmax calibration) writes ``model.onnx``, ``model.pt2`` and
-``model.int8.onnx`` (unless its validation refuses the int8 model); each runs
-through convforge's runtime backends (``ort-cpu``, ``openvino``, ``torch``)
-with their default options. The "best path" is the fastest convforge path
-whose top-1 is within 0.5 points of the trained fp32 module (torch eager).
+minmax calibration, ``--int8-max-drop 0.5``: layers stay in float until the
+int8 file is within 0.5 points of fp32) writes ``model.onnx``, ``model.pt2``
+and ``model.int8.onnx`` (unless no mix fits); each runs through convforge's
+runtime backends (``ort-cpu``, ``openvino``, ``torch``) with their default
+options. The "best path" is the fastest convforge path whose top-1 is within
+0.5 points of the trained fp32 module (torch eager); "int8 speedups" compare
+each backend's int8 file with its fp32 file (goal: >= 1.5x on ResNet-50).
+
+**convforge tune** (one path per batch size): ``convforge tune`` over
+``model.onnx`` and ``model.int8.onnx`` with nothing named (every available
+backend, its settings, both files; accuracy on the validation images, 0.5
+points allowed; ``--tune-budget`` seconds), then the plan's choice for that
+batch size. Goal: <= 1.0x the fastest peer at equal accuracy. The plan is
+cached as ``plan.json`` beside the exports.
 
 **Timing.** Per batch size, every path is loaded, warmed up, then measured
 in ``--rounds`` rounds; within a round each path runs a few times in turn,
@@ -93,6 +102,7 @@ CALIB_SAMPLES = 256
 ACCURACY_GOAL_PT = 0.5  # convforge's path may lose at most this much top-1 against fp32
 LATENCY_GOAL = 0.9  # convforge's best / fastest peer
 INT8_SPEEDUP_GOAL = 1.5  # convforge int8 over its own fp32, same backend
+TUNE_GOAL = 1.0  # convforge tune's choice / fastest peer, nothing named by the user
 
 
 @dataclass
@@ -104,6 +114,7 @@ class Runner:
     precision: str
     run: Callable[[np.ndarray], np.ndarray]
     close: Callable[[], None] = lambda: None
+    batch_size: int | None = None  # a path planned for one batch size only
 
 
 # ---- the trained model ------------------------------------------------------------------
@@ -335,6 +346,44 @@ def convforge_paths(onnx_path: Path, with_int8: bool) -> list[Runner]:
     return made
 
 
+def tuned_paths(work: Path, files: list[Path], batches: list[int], budget: float) -> list[Runner]:
+    """``convforge tune`` over ``files`` (no backend or precision named), then its plan's
+    choice per batch size as one path each. The plan is cached beside the exports."""
+    from convforge.runtime.plan import Plan
+    from convforge.runtime.tune import TuneConfig, tune
+
+    plan_path = work / "plan.json"
+    if plan_path.exists():
+        plan = Plan.read(plan_path)
+        if sorted(e.batch_size for e in plan.entries) != sorted(batches):
+            plan = None
+    else:
+        plan = None
+    if plan is None:
+        bundle = load_dataset("digits", val_fraction=VAL_FRACTION, seed=SEED, channels=3)
+        raw = [bundle.val.load(i).numpy().transpose(1, 2, 0) for i in range(len(bundle.val))]
+        cfg = TuneConfig(batch_sizes=tuple(batches), budget_seconds=budget, max_images=len(raw))
+        plan = tune([str(f) for f in files], raw, list(bundle.val.targets), cfg, dataset="digits")
+        plan.write(plan_path)
+    made = []
+    for bs in batches:
+        entry = plan.entry(bs)
+        model = plan.load_model(bs, check=False)
+        settings = " ".join(f"{k}={v}" for k, v in entry.options.items())
+        print(f"[tune] batch {bs}: {entry.backend} {Path(entry.file).name} {settings}", flush=True)
+        made.append(
+            Runner(
+                f"convforge tune (bs {bs}: {entry.backend} {settings})".replace(" )", ")"),
+                "convforge tune",
+                entry.precision,
+                model.backend.run,
+                model.close,
+                batch_size=bs,
+            )
+        )
+    return made
+
+
 # ---- measuring --------------------------------------------------------------------------
 
 
@@ -361,7 +410,7 @@ def latencies(paths: list[Runner], x: np.ndarray, rounds: int) -> list[list[floa
     return samples
 
 
-def measure(arch: str, epochs: int, batches: list[int], rounds: int) -> dict:
+def measure(arch: str, epochs: int, batches: list[int], rounds: int, tune_budget: float) -> dict:
     checkpoint = trained(arch, epochs)
     work = CACHE / arch / "onnx"
     work.mkdir(parents=True, exist_ok=True)
@@ -372,6 +421,8 @@ def measure(arch: str, epochs: int, batches: list[int], rounds: int) -> dict:
     with_int8 = not int8.startswith("refused")
     print(f"[{arch}] export ready in {time.perf_counter() - t:.0f} s", flush=True)
     paths = peers(ck, work, calib) + convforge_paths(onnx_path, with_int8)
+    files = [onnx_path, onnx_path.with_suffix(".int8.onnx")] if with_int8 else [onnx_path]
+    paths += tuned_paths(work, files, batches, tune_budget)
     records = []
     accuracy = {}
     for p in paths:
@@ -383,7 +434,8 @@ def measure(arch: str, epochs: int, batches: list[int], rounds: int) -> dict:
     reference = accuracy["torch eager", "fp32"]  # the trained module itself
     for bs in batches:
         x = np.ascontiguousarray(val[:bs])
-        for p, s in zip(paths, latencies(paths, x, rounds), strict=True):
+        here = [p for p in paths if p.batch_size in (None, bs)]
+        for p, s in zip(here, latencies(here, x, rounds), strict=True):
             acc = accuracy[p.name, p.precision]
             records.append(
                 {
@@ -435,6 +487,8 @@ def verdicts(records: list[dict]) -> list[dict]:
         ratio = ours["p50_ms"] / peer["p50_ms"]
         tuned = [r for r in rows if r["owner"] == "tuned peer"]
         tuned_p50 = min(r["p50_ms"] for r in tuned) if tuned else None
+        planned = next((r for r in rows if r["owner"] == "convforge tune"), None)
+        tune_ratio = planned["p50_ms"] / peer["p50_ms"] if planned else None
         out.append(
             {
                 "model": model,
@@ -448,6 +502,13 @@ def verdicts(records: list[dict]) -> list[dict]:
                 "convforge_top1_delta_pt": ours["top1_delta_pt"],
                 "tuned_peer_p50_ms": tuned_p50,
                 "ratio_to_tuned_peer": round(ours["p50_ms"] / tuned_p50, 3) if tuned else None,
+                "tune_choice": planned and f"{planned['path']} {planned['precision']}",
+                "tune_p50_ms": planned and planned["p50_ms"],
+                "tune_ratio": tune_ratio and round(tune_ratio, 3),
+                "tune_top1_delta_pt": planned and planned["top1_delta_pt"],
+                "tune_goal_met": planned is not None
+                and tune_ratio <= TUNE_GOAL
+                and planned["top1_delta_pt"] >= -ACCURACY_GOAL_PT,
             }
         )
     return out
@@ -501,6 +562,7 @@ def main() -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--epochs", type=int, help="training epochs for every model (default: recipe)")
     p.add_argument("--rounds", type=int, default=10, help="measurement rounds per batch size")
+    p.add_argument("--tune-budget", type=float, default=300, help="convforge tune's budget (s)")
     p.add_argument("--out", default=str(RESULTS / "cpu_backends.json"))
     a = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -508,7 +570,8 @@ def main() -> int:
     started = time.time()
     runs = []
     for arch in a.models.split(","):
-        runs.append(measure(arch, a.epochs, [int(b) for b in a.batches.split(",")], a.rounds))
+        batches = [int(b) for b in a.batches.split(",")]
+        runs.append(measure(arch, a.epochs, batches, a.rounds, a.tune_budget))
         gc.collect()
     records = [r for run in runs for r in run["records"]]
     result = {
@@ -544,6 +607,12 @@ def main() -> int:
             f"{v['fastest_peer_p50_ms']:.2f} ms: ratio {v['ratio']:.3f} "
             f"(goal <= {LATENCY_GOAL}), top-1 delta {v['convforge_top1_delta_pt']:+.2f} pt"
         )
+        if v["tune_choice"]:
+            print(
+                f"  tune: {v['tune_choice']} {v['tune_p50_ms']:.2f} ms: ratio "
+                f"{v['tune_ratio']:.3f} (goal <= {TUNE_GOAL}), "
+                f"top-1 delta {v['tune_top1_delta_pt']:+.2f} pt"
+            )
     for v in result["int8_speedups"]:
         print(
             f"{v['model']} bs {v['batch_size']} {v['backend']}: int8 {v['int8_p50_ms']:.2f} ms vs "
