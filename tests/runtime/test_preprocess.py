@@ -9,6 +9,7 @@ from convforge.builder.data import augment
 from convforge.contract import InputSpec, ModelInfo
 from convforge.errors import UserError
 from convforge.runtime.preprocess import preprocess
+from tests.helpers import photo_jpeg
 
 
 def _info(channels, size, resize, mean, std):
@@ -71,27 +72,6 @@ def test_unreadable_image_file(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match="cannot read image"):
         preprocess([tmp_path / "bad.jpg"], _info(3, 8, 8, [0.0] * 3, [1.0] * 3))
-
-
-def photo_jpeg(path, width, height, seed=0):
-    """A photo-like JPEG: smooth colour gradients, filled shapes, sensor-like noise."""
-    from PIL import ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = [128 + 100 * np.sin(x / width * 3 + c) * np.cos(y / height * 2 + c) for c in range(3)]
-    image = Image.fromarray(np.stack(base, -1).clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(30):
-        cx, cy = rng.integers(0, width), rng.integers(0, height)
-        r = int(rng.integers(min(width, height) // 30, min(width, height) // 6))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape([cx - r, cy - r // 2, cx + r, cy + r], fill=colour)
-    image = image.filter(ImageFilter.GaussianBlur(max(1, min(width, height) // 400)))
-    noisy = np.asarray(image, np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
-    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-    return str(path)
 
 
 IMAGENET = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
