@@ -102,7 +102,7 @@ def bench_backend(name: str, path: str, cfg: BenchConfig, **options) -> list[dic
         load_s = time.perf_counter() - t
         try:
             for bs in sizes:
-                batch = rng.standard_normal((bs, *_shape(info))).astype(np.float32)
+                batch = random_batch(rng, info.spec, bs)
                 records += _bench_size(backend, batch, load_s, cfg)
         finally:
             backend.close()
@@ -172,8 +172,12 @@ def bench_matrix(
     return records, skipped
 
 
-def _shape(info) -> tuple[int, int, int]:
-    return info.spec.channels, info.spec.height, info.spec.width
+def random_batch(rng: np.random.Generator, spec, n: int) -> np.ndarray:
+    """``n`` random inputs in the file's input format (``spec``, an InputSpec): standard
+    normal float32 [n, C, H, W], or uint8 pixels [n, H, W, C] for a uint8-input file."""
+    if spec.dtype == "uint8":
+        return rng.integers(0, 256, spec.shape(n), dtype=np.uint8)
+    return rng.standard_normal(spec.shape(n)).astype(np.float32)
 
 
 def accuracy(name: str, path: str, images: list, labels: list[int], **options) -> float:

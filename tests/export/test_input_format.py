@@ -152,3 +152,12 @@ def test_refusals_name_what_is_missing():
     contract.write_props(model, {}, replace_all=True)
     with pytest.raises(UserError, match=r"needs convforge.mean metadata with 1 value\(s\)"):
         to_uint8_input(model)
+
+
+def test_bench_times_a_uint8_file_on_pixels(files):
+    from convforge.runtime.bench import BenchConfig, bench_backend
+
+    cfg = BenchConfig(batch_sizes=(1, 4), warmup_iters=1, iters=3, seconds=0.0)
+    records = bench_backend("ort-cpu", str(files["int8"][1]), cfg)
+    assert [r["batch_size"] for r in records] == [1, 4]
+    assert all(r["precision"] == "int8" and r["p50_ms"] > 0 for r in records)
