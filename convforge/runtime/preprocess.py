@@ -37,6 +37,7 @@ few more near sharp edges.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,9 +55,10 @@ _pool_lock = threading.Lock()
 
 
 def to_pil(image, channels: int, need=None) -> Image.Image:
-    """A file path, a PIL image or a uint8 array (H, W) / (H, W, C) as a PIL image.
+    """A file path, an encoded image file's bytes (JPEG, PNG, ...), a PIL image or a
+    uint8 array (H, W) / (H, W, C) as a PIL image.
 
-    ``need(width, height) -> (width, height)``, given for file paths, returns the
+    ``need(width, height) -> (width, height)``, for paths and bytes, returns the
     smallest size the caller's resize needs; a JPEG at least twice that size is then
     decoded in draft mode at a reduced scale that still covers it.
     """
@@ -64,14 +66,9 @@ def to_pil(image, channels: int, need=None) -> Image.Image:
         path = Path(image)
         if not path.is_file():
             raise UserError(f"image {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                if need is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
-                    im.draft(im.mode, need(*im.size))
-                im.load()
-                pil = im
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {path}: {e}") from None
+        pil = _decode(path, f"image {path}", need)
+    elif isinstance(image, bytes):
+        pil = _decode(io.BytesIO(image), f"the {len(image)} bytes given", need)
     elif isinstance(image, Image.Image):
         pil = image
     elif isinstance(image, np.ndarray):
@@ -87,9 +84,24 @@ def to_pil(image, channels: int, need=None) -> Image.Image:
         pil = Image.fromarray(image)
     else:
         raise UserError(
-            f"images must be file paths, PIL images or uint8 arrays, got {type(image).__name__}"
+            "images must be file paths, bytes, PIL images or uint8 arrays, got "
+            f"{type(image).__name__}"
         )
     return pil.convert("L" if channels == 1 else "RGB")
+
+
+def _decode(source, what: str, need) -> Image.Image:
+    """Decode an image file (path or file object), in draft mode where ``need`` allows."""
+    try:
+        with Image.open(source) as im:
+            if need is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                im.draft(im.mode, need(*im.size))
+            im.load()
+            return im
+    except UnidentifiedImageError:
+        raise UserError(f"cannot read {what}: not a readable image (JPEG, PNG, ...)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read {what}: {e}") from None
 
 
 def preprocess(images, info: ModelInfo, workers: int | None = None) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Runtime preprocessing (PIL + numpy) against the builder's evaluation transform (torchvision)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -60,7 +62,7 @@ def test_paths_and_channel_conversion(tmp_path):
         ("missing.png", "does not exist"),
         (np.zeros((4, 4), np.float32), "must be uint8"),
         (np.zeros((4, 4, 2), np.uint8), "need 1, 3 or 4 channels"),
-        (42, "must be file paths, PIL images or uint8 arrays"),
+        (42, "must be file paths, bytes, PIL images or uint8 arrays"),
     ],
 )
 def test_bad_images_are_user_errors(image, message, tmp_path):
@@ -153,3 +155,12 @@ def test_a_thread_pool_batch_equals_the_sequential_one(tmp_path):
     assert np.array_equal(pooled, sequential)
     with pytest.raises(UserError, match="missing.jpg does not exist"):
         preprocess([*paths, str(tmp_path / "missing.jpg")], info, workers=4)
+
+
+def test_encoded_bytes_decode_like_their_file_in_draft_mode_too(drafts, tmp_path):
+    path = photo_jpeg(tmp_path / "p.jpg", 1400, 1050)
+    info = _info(3, 224, 256, *IMAGENET)
+    from_bytes = preprocess([Path(path).read_bytes()], info)
+    assert np.array_equal(from_bytes, preprocess([path], info)) and drafts == [4, 4]
+    with pytest.raises(UserError, match="the 12 bytes given: not a readable image"):
+        preprocess([b"not an image"], info)
