@@ -124,6 +124,20 @@ def metadata(
     return encode(values)
 
 
+def pixel_normalization(mean, std):
+    """float32 ``(scale, bias)`` per channel with ``p * scale + bias = (p / 255 - mean) / std``.
+
+    How a uint8-input file's pixels ``p`` become its float model's input: the
+    graph of such a file multiplies and adds by exactly these (computed in
+    float64, rounded to float32), and a runtime feeding pixels to the float
+    model does the same.
+    """
+    import numpy as np
+
+    mean64, std64 = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return (1 / (255 * std64)).astype(np.float32), (-mean64 / std64).astype(np.float32)
+
+
 def graph_precision(model) -> str:
     """fp32, fp16, bf16 or int8, read from an ``onnx.ModelProto``'s graph, not its metadata.
 

@@ -14,12 +14,13 @@ transform's ``ToDtype(scale=True)`` + ``Normalize`` in one multiply-add.
 Why NHWC: decoders (PIL, libjpeg, OpenCV, a browser's ImageData) hand out
 height x width x channels interleaved, so a client sends the decoded buffer
 as it is, with no transpose and no float conversion, 4x fewer bytes than
-float32. The transpose then runs inside the engine, which fuses it into the
-first convolution's input reorder (OpenVINO, TensorRT) or runs it on 150 K
-values (ONNX Runtime). NCHW would keep the float model's shape, but every
-client would pay a strided copy for it, and that copy is what this format
-exists to remove. The Cast comes first so the uint8 tensor feeds only a Cast,
-which every engine (TensorRT included) accepts for uint8 network inputs.
+float32. The transpose then runs inside the engine as one copy of the pixels
+(OpenVINO moves it before the Cast, onto the uint8 tensor, and folds the Mul
+and Add into an int8 model's first quantization). NCHW would keep the float
+model's shape, but every client would pay a strided copy for it, and that
+copy is what this format exists to remove. The Cast comes first because
+TensorRT's documentation asks for a uint8 network input to be converted to
+float before any other layer (the TensorRT path has not run on a GPU yet).
 
 The pass is pure (``ModelProto -> ModelProto``; the argument is untouched),
 works on the fp32, fp16 (float32 I/O) and int8 (QDQ, float32 I/O) exports
@@ -113,7 +114,8 @@ def to_uint8_input(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def scale_and_bias(mean, std, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 ``(1 / (255 std), -mean / std)`` per channel, computed in float64.
+    """float32 ``(1 / (255 std), -mean / std)`` per channel
+    (:func:`convforge.contract.pixel_normalization`).
 
     UserError when ``mean`` or ``std`` is missing, not one value per channel,
     or a std is not positive.
@@ -124,10 +126,9 @@ def scale_and_bias(mean, std, channels: int) -> tuple[np.ndarray, np.ndarray]:
                 f"a uint8-input variant needs convforge.{name} metadata with {channels} "
                 f"value(s), one per channel; the model has {values!r}"
             )
-    mean64, std64 = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-    if not np.all(std64 > 0):
+    if not all(s > 0 for s in std):
         raise UserError(f"convforge.std must be positive, got {std}")
-    return (1 / (255 * std64)).astype(np.float32), (-mean64 / std64).astype(np.float32)
+    return contract.pixel_normalization(mean, std)
 
 
 def pixels_of(samples: np.ndarray, mean, std) -> np.ndarray:

@@ -21,11 +21,11 @@ INFO = contract.read_info(MODEL)
 # Same pixels, same arithmetic up to float rounding: logits agree to float32 precision
 # (measured: 3.8e-7 of the logit scale for fp32 and fp16, 0 for int8); 1e-5 leaves room
 # for other instruction sets, and still fails on any off-by-one in the scale or bias.
-REL_TOL = {"fp32": 1e-5, "fp16": 1e-5}
-# int8: a normalized pixel that lands on a rounding boundary of the input QuantizeLinear
-# may round the other way once OpenVINO folds the Mul/Add into its FakeQuantize (measured:
-# one row off by 2.7% of the logit scale, one activation step); ORT matches exactly.
-REL_TOL["int8"] = 0.05
+REL_TOL = {"fp32": 1e-5, "fp16": 1e-5, "int8": 1e-5}
+# OpenVINO's int8 kernels are not deterministic: the float-input int8 file, run twice on the
+# same batch, differed by up to 4.7% of the logit scale (measured, 6 trials; ORT: 0). The
+# uint8 twin can be held no closer than that; top-1 must still agree.
+OPENVINO_INT8_REL_TOL = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,8 @@ def test_uint8_input_matches_the_float_model_on_the_same_pixels(
         assert u.info.input_format == "uint8" and u.backend.input_dtypes == (np.uint8,)
         want = f.logits(normalized(pixels, INFO.mean, INFO.std))
         got = u.logits(pixels)
-    assert np.abs(got - want).max() <= REL_TOL[precision] * np.abs(want).max()
+    tol = OPENVINO_INT8_REL_TOL if (backend, precision) == ("openvino", "int8") else None
+    assert np.abs(got - want).max() <= (tol or REL_TOL[precision]) * np.abs(want).max()
     assert np.array_equal(got.argmax(1), want.argmax(1))
 
 
@@ -135,11 +136,43 @@ def test_a_uint8_file_refuses_float_batches(files):
             u.logits(np.zeros((1, 1, 16, 16), np.uint8))  # NCHW is not the layout
 
 
-def test_the_torch_backend_says_it_has_no_program_for_uint8_input(files, tmp_path):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """m.onnx + m.pt2 (tests.helpers' small RGB model) and m.uint8.onnx beside them."""
     if not backends.backend_class("torch").available()[0]:
         pytest.skip("torch is not installed")
-    with pytest.raises(UserError, match="takes uint8 pixels, which it has no program for"):
-        load(files["fp32"][1], "torch")
+    from tests.helpers import export_small_model
+
+    float_path, _ = export_small_model(tmp_path_factory.mktemp("small"))
+    onnx.save(to_uint8_input(onnx.load(float_path)), float_path.with_suffix(".uint8.onnx"))
+    return float_path
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_torch_backend_runs_a_uint8_twin_on_its_float_program(channels_last, small):
+    float_path, tmp_path = small, small.parent
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    with (
+        load(float_path, "ort-cpu") as f,
+        load(tmp_path / "m.uint8.onnx", "torch", channels_last=channels_last) as u,
+    ):
+        assert u.backend.program == tmp_path / "m.pt2" and u.backend.input_dtypes == (np.uint8,)
+        want = f.logits(normalized(pixels, f.info.mean, f.info.std))
+        got = u.logits(pixels)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()  # torch vs ORT kernels
+
+
+def test_the_torch_backend_refuses_a_uint8_twin_of_another_checkpoint(small, tmp_path):
+    (tmp_path / "other.pt2").write_bytes(small.with_suffix(".pt2").read_bytes())
+    model = to_uint8_input(onnx.load(small))
+    contract.write_props(model, {"convforge.source_sha256": "f" * 64})
+    onnx.save(model, tmp_path / "other.uint8.onnx")
+    with pytest.raises(UserError, match="come from different checkpoints"):
+        load(tmp_path / "other.uint8.onnx", "torch")
+    int8 = to_int8(onnx.load(small), np.zeros((4, 3, 16, 16), np.float32))
+    onnx.save(to_uint8_input(int8), tmp_path / "other.int8.uint8.onnx")
+    with pytest.raises(UserError, match="int8 variant, which has none"):
+        load(tmp_path / "other.int8.uint8.onnx", "torch")
 
 
 def test_refusals_name_what_is_missing():

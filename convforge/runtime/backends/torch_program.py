@@ -3,6 +3,11 @@
     backend = TorchProgram("model.onnx", device="cpu", dtype="fp32")  # runs model.pt2
 
 Given an ``.onnx`` path it runs the sibling ``.pt2``; given a ``.pt2`` it runs that.
+Given a uint8-input twin (``model.uint8.onnx``, ``convforge export --input-format
+uint8``) it runs the float program it was made from (``model.pt2``, checked to come
+from the same checkpoint) and takes uint8 [N, H, W, C] pixels: they go to the device
+as uint8 (4x fewer bytes) and are normalized there with the graph's own scale and
+bias (:func:`convforge.contract.pixel_normalization`).
 The program is ``torch.export.load(path).module()``: no builder or export code is
 imported, so any file ``convforge export`` wrote is enough. Runs under
 ``torch.inference_mode``.
@@ -47,9 +52,13 @@ _WARMUP = 3  # runs on a side stream before a CUDA graph capture
 
 
 def program_path(path: str | Path) -> Path:
-    """The ``.pt2`` program for ``path`` (an ``.onnx`` export or the ``.pt2`` itself)."""
+    """The ``.pt2`` program for ``path`` (an ``.onnx`` export, its uint8-input twin
+    ``<name>.uint8.onnx`` (the float ``<name>.pt2``), or the ``.pt2`` itself)."""
     path = Path(path)
-    return path if path.suffix == ".pt2" else path.with_suffix(".pt2")
+    if path.suffix == ".pt2":
+        return path
+    stem = path.stem.removesuffix(".uint8")
+    return path.with_name(stem + ".pt2")
 
 
 class TorchProgram(Backend, DeviceResident):
@@ -76,6 +85,7 @@ class TorchProgram(Backend, DeviceResident):
         self._staged = None  # (device input, last output), set by stage()
         self._module = None
         self._torch_dtype = None
+        self._pixels = None  # (scale, bias) tensors for a uint8-input file, set by load()
         self._graphs: dict = {}  # batch shape -> (graph, static input, static output)
 
     @property
@@ -83,11 +93,6 @@ class TorchProgram(Backend, DeviceResident):
         """On CUDA, a staged batch stays on the GPU (compute-only timing); on the CPU there
         is no device copy to leave out."""
         return self.device == "cuda"
-
-    @property
-    def input_dtypes(self) -> tuple[type, ...]:
-        """fp16 programs also take float16 batches: half the host-to-device bytes."""
-        return (np.float32, np.float16) if self.dtype == "fp16" else (np.float32,)
 
     @classmethod
     def available(cls, device: str = "cpu") -> tuple[bool, str]:
@@ -108,16 +113,6 @@ class TorchProgram(Backend, DeviceResident):
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
         source = Path(self.path)
-        if (
-            source.suffix == ".onnx"
-            and source.is_file()
-            and read_info(source).spec.dtype == "uint8"
-        ):
-            raise UserError(
-                f"the torch backend runs the float .pt2 program (normalized float32 [N, C, H, W]); "
-                f"{source.name} takes uint8 pixels, which it has no program for (give the "
-                "float32-input .onnx it was made from)"
-            )
         if not self.program.is_file() and source.suffix == ".onnx" and source.is_file():
             precision = read_info(source).precision
             if precision != "fp32":
@@ -146,6 +141,7 @@ class TorchProgram(Backend, DeviceResident):
             "bf16": torch.bfloat16,
         }[self.dtype]
         module = module.to(device=self.device, dtype=self._torch_dtype)
+        self._pixels = self._pixel_normalization(info) if info.spec.dtype == "uint8" else None
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         if self.compile:
@@ -168,9 +164,41 @@ class TorchProgram(Backend, DeviceResident):
             allow_tf32=self.tf32,
         )
 
+    def _pixel_normalization(self, info):
+        """(scale, bias) on the device for a uint8-input file whose program is its float twin's."""
+        import torch
+
+        from convforge.contract import pixel_normalization, read_info
+
+        made_from = read_info(self.program).metadata.get("source_sha256")
+        if made_from != info.metadata.get("source_sha256"):
+            raise UserError(
+                f"{self.program.name} and {Path(self.path).name} come from different checkpoints "
+                "(source_sha256); export them together"
+            )
+        c = info.spec.channels
+        return tuple(
+            torch.from_numpy(v.reshape(1, c, 1, 1)).to(self.device)
+            for v in pixel_normalization(info.mean, info.std)
+        )
+
+    @property
+    def input_dtypes(self) -> tuple[type, ...]:
+        """fp16 programs also take float16 batches: half the host-to-device bytes; a
+        uint8-input file takes uint8 pixels only."""
+        if self.spec is not None and self.spec.dtype == "uint8":
+            return (np.uint8,)
+        return (np.float32, np.float16) if self.dtype == "fp16" else (np.float32,)
+
     def _to_input(self, batch: np.ndarray):
         import torch
 
+        if self._pixels is not None:  # uint8 NHWC to the device, then the graph's Mul and Add
+            scale, bias = self._pixels
+            x = torch.from_numpy(batch).to(device=self.device).permute(0, 3, 1, 2)
+            x = (x.float() * scale + bias).to(self._torch_dtype)
+            memory = torch.channels_last if self.channels_last else torch.contiguous_format
+            return x.contiguous(memory_format=memory)
         x = torch.from_numpy(batch).to(device=self.device, dtype=self._torch_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
