@@ -22,12 +22,13 @@ model exported by ``torch.onnx.export`` and quantized by NNCF
 config; softmax and top-5 in numpy. A batch is decoded and transformed image by
 image, then stacked.
 
-**convforge**: ``convforge.runtime.load(...)`` then ``Model.predict(paths,
-topk=5)``: its own decode (JPEG draft mode, crop-box resize, a thread pool for
-batches) straight to uint8 pixels. With ``--plan`` the model runs the plan's
-configuration for each batch size (``convforge.runtime.plan``; the plan must
-be tuned over this export's files); without it, ``model.int8.uint8.onnx`` on
-the ``openvino`` backend with its defaults.
+**convforge**: ``convforge tune`` over the export's uint8-input files
+(``model.uint8.onnx`` and ``model.int8.uint8.onnx``) at batch 1 and 32, with no
+backend or precision named (the plan is cached beside the export; ``--plan``
+gives another one, which must be tuned over this export's files), then
+``convforge.runtime.load(..., plan=...)`` and ``Model.predict(paths, topk=5)``:
+its own decode (JPEG draft mode, crop-box resize, a thread pool for batches)
+straight to uint8 pixels, run by the plan's configuration for the batch size.
 
 **Timing.** Both pipelines are loaded and warmed up, then measured in
 ``--rounds`` rounds; within a round, per image size, the two take turns (the
@@ -142,22 +143,31 @@ class Peer:
         return np.argsort(-probs, axis=1, kind="stable")[:, :5]
 
 
+def tuned(onnx: Path, budget: float) -> Path:
+    """``convforge tune`` over the uint8-input files (fp32 and int8) at batch 1 and 32, with
+    nothing named: every available backend, its settings, accuracy on the validation split
+    the files' metadata names. Cached beside the export."""
+    from convforge.cli import main as convforge
+
+    plan = onnx.parent / "plan.json"
+    if not plan.exists():
+        files = [str(onnx.with_suffix(".uint8.onnx")), str(onnx.with_suffix(".int8.uint8.onnx"))]
+        argv = ["tune", *files, "--batch-sizes", ",".join(map(str, BATCHES))]
+        if convforge([*argv, "--budget-seconds", str(budget), "-o", str(plan)]) != 0:
+            raise SystemExit("convforge tune failed")
+    return plan
+
+
 class Convforge:
-    """``load(...)`` + ``Model.predict(paths, topk=5)``: the plan's model per batch size, or
-    the int8 uint8-input file on openvino."""
+    """``load(...)`` + ``Model.predict(paths, topk=5)`` running the plan's configuration for
+    each batch size."""
 
-    def __init__(self, onnx: Path, plan: str | None) -> None:
-        if plan is None:
-            path = onnx.with_suffix(".int8.uint8.onnx")
-            model = load(path, backend="openvino")
-            self.models = dict.fromkeys(BATCHES, model)
-            self.name = f"convforge: {path.name} on openvino (no --plan)"
-        else:
-            from convforge.runtime.plan import Plan
+    def __init__(self, plan: Path) -> None:
+        from convforge.runtime.plan import Plan
 
-            tuned = Plan.read(plan)
-            self.models = {n: load(tuned.model, batch_size=n, plan=tuned) for n in BATCHES}
-            self.name = f"convforge: plan {plan}"
+        tuned = Plan.read(plan)
+        self.models = {n: load(tuned.model, batch_size=n, plan=tuned) for n in BATCHES}
+        self.name = f"convforge: predict with the plan {plan}"
         self.described = {
             n: {**m.backend.describe(), "file": Path(m.backend.path).name}
             for n, m in self.models.items()
@@ -208,7 +218,9 @@ def agreement(peer: Peer, ours: Convforge, files: dict) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--plan", help="a convforge tune plan over this benchmark's export")
+    p.add_argument("--plan", help="a convforge tune plan over this benchmark's export "
+                   "(default: tune one, cached)")  # fmt: skip
+    p.add_argument("--tune-budget", type=float, default=300, help="convforge tune's budget (s)")
     p.add_argument("--checkpoint", help="default: cpu_backends' trained ResNet-18")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=20, help="batch-1 calls per pipeline per round")
@@ -219,7 +231,8 @@ def main() -> int:
     ck = load_checkpoint(checkpoint)
     onnx = exported(checkpoint)
     files = jpegs()
-    peer, ours = Peer(ck, onnx.parent), Convforge(onnx, args.plan)
+    plan = Path(args.plan) if args.plan else tuned(onnx, args.tune_budget)
+    peer, ours = Peer(ck, onnx.parent), Convforge(plan)
     print(f"{peer.name}\n{ours.name}", flush=True)
     times = measure(peer, ours, files, args.rounds, args.iters)
 
@@ -246,7 +259,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "environment": environment(),
         "config": {"rounds": args.rounds, "iters": args.iters, "files_per_size": FILES_PER_SIZE,
-                   "checkpoint": str(checkpoint), "plan": args.plan},  # fmt: skip
+                   "checkpoint": str(checkpoint), "plan": str(plan)},  # fmt: skip
         "pipelines": {"peer": peer.name, "convforge": ours.name,
                       "convforge_settings": {str(k): v for k, v in ours.described.items()}},
         "agreement": agreement(peer, ours, files),
