@@ -203,28 +203,9 @@ def peer_onnx(model: torch.nn.Module, path: Path) -> None:
 
 
 def ort_int8(source: Path, out: Path, calib: np.ndarray) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+    from calibration_memory import one_pass  # ORT's quantize_static, as its docs show it
 
-    class Reader:
-        def __init__(self):
-            self.batches = iter(calib[i : i + 32] for i in range(0, len(calib), 32))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
-
-    prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(source), str(prepared))
-    quantize_static(
-        str(prepared),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        reduce_range=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    one_pass(source, out, calib)
 
 
 def nncf_int8(source: Path, calib: np.ndarray):

@@ -60,8 +60,8 @@ def prepare_models(folder: Path, quick: bool) -> dict[str, Path]:
     from convforge import contract
     from convforge.builder import create_model
     from convforge.export import export_onnx
-    from convforge.export.onnx_export import serialize
     from convforge.export.int8 import to_int8
+    from convforge.export.onnx_export import serialize
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10).eval()
