@@ -57,9 +57,7 @@ def test_plain_int8_breaks_on_the_trap(trapped):
 
 def test_the_search_keeps_the_classifier_in_float(trapped):
     proto, calibration, x_test, y_test, reference = trapped
-    model, search = int8_within_budget(
-        proto, calibration, x_test, y_test, reference, max_drop=0.5
-    )
+    model, search = int8_within_budget(proto, calibration, x_test, y_test, reference, max_drop=0.5)
     gemm = [n.name for n in model.graph.node if n.op_type == "Gemm"]
     assert search.float_layers == gemm, search.ranking
     assert search.ranking[0]["layer"] == gemm[0]
@@ -81,9 +79,7 @@ def test_the_search_keeps_the_classifier_in_float(trapped):
 
 def test_a_model_that_fits_is_not_searched(trapped):
     proto, calibration, x_test, y_test, reference = trapped
-    model, search = int8_within_budget(
-        proto, calibration, x_test, y_test, reference, max_drop=100
-    )
+    model, search = int8_within_budget(proto, calibration, x_test, y_test, reference, max_drop=100)
     assert search.float_layers == [] and search.evaluations == 1 and search.ranking == []
     assert "float_layers" not in json.loads(metadata(model)["convforge.calibration"])
 
