@@ -52,7 +52,26 @@ CALIBRATION_BATCH = 32  # images per calibration run at most: few session calls
 # activation (no buffer reuse), and ONNX Runtime copies them once more while merging, so
 # the process peaks at about 2-3x this; ResNet-50 at 224 px holds ~110 MB per image.
 CALIBRATION_MEMORY = 1 << 30
-QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers a search may keep float
+# The nodes a search may keep in float: those around which ONNX Runtime's QDQ quantizer puts
+# Q/DQ pairs of their own (weights, or activations into and out of an int8 kernel: a residual
+# Add or a pooling runs int8 too). Data movement (Reshape, Transpose, ...) and activations
+# (Relu, Clip) follow their producer's quantization, so keeping them float alone changes little.
+QUANTIZED_OPS = (
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Resize",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+)
 MIN_ONNXRUNTIME = "1.27"  # quantize_static's calibration_cache_path
 
 

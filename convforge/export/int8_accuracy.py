@@ -5,7 +5,8 @@ Runtime's QDQ quantizer (:class:`~convforge.export.int8.Int8Quantizer`):
 
 1. Quantize every layer; measure top-1 on the labelled validation images. If it
    is at most ``max_drop`` points below the fp32 reference, that is the answer.
-2. Otherwise rank the quantizable layers (Conv, Gemm, MatMul) by sensitivity:
+2. Otherwise rank the quantizable nodes (Conv, Gemm, MatMul, residual Add,
+   pooling, ...: :data:`~convforge.export.int8.QUANTIZED_OPS`) by sensitivity:
    for each, quantize every *other* layer and measure how far the logits stay
    from the fp32 model's on ``rank_samples`` calibration images (mean squared
    logit error). Calibration images carry no labels and are not the
