@@ -53,7 +53,9 @@ cached as ``plan.json`` beside the exports.
 
 **Timing.** Per batch size, every path is loaded, warmed up, then measured
 in ``--rounds`` rounds; within a round each path runs a few times in turn,
-so all paths share the machine's noise. Inputs are preprocessed validation
+so all paths share the machine's noise. Each turn opens with one untimed
+call: the engine before may leave its threads spinning, which made first
+calls ~2x slower (``ort_int8_batch1.py``). Inputs are preprocessed validation
 images (preprocessing is outside the timing for everyone). Latency is the
 median per call; ratios are convforge's best path over the fastest peer
 (goal: <= 0.9). Writes ``benchmarks/results/cpu_backends.json``.
@@ -384,6 +386,7 @@ def latencies(paths: list[Runner], x: np.ndarray, rounds: int) -> list[list[floa
     samples: list[list[float]] = [[] for _ in paths]
     for _ in range(rounds):
         for p, s in zip(paths, samples, strict=True):
+            p.run(x)  # untimed: the path before may leave threads spinning (ort_int8_batch1)
             for _ in range(calls):
                 t = time.perf_counter()
                 p.run(x)

@@ -21,6 +21,9 @@ accuracy budget, measured on this machine (after Triton's Model Analyzer).
    size), warmed up, then timed in interleaved rounds: in each round every
    candidate runs ``MIN_ITERS`` to ``iters`` times in turn, starting from a
    rotating position, so slow drifts of a noisy machine hit all of them alike.
+   Each turn opens with one untimed run: the engine that ran before may leave
+   threads spinning for a while (ONNX Runtime's do by default), which made the
+   first call of a turn ~2x slower (benchmarks/ort_int8_batch1.py).
    p50 is the median of the round medians; p99 is over every run. After
    round one, candidates slower than ``prune_ratio`` x the best are dropped;
    when the remaining rounds would overrun the batch size's share of
@@ -295,6 +298,7 @@ def _prune(alive: list[_Timed], done: int, left: float, cfg: TuneConfig) -> list
 
 def _timed_round(backend, batch, slot: float, iters: int) -> list[float]:
     samples: list[float] = []
+    backend.run(batch)  # untimed: see "Each turn opens" in the module docstring
     start = time.perf_counter()
     while len(samples) < MIN_ITERS or (len(samples) < iters and time.perf_counter() - start < slot):
         t = time.perf_counter()

@@ -62,6 +62,17 @@ def test_cpu_threads_option_reaches_session(exported):
         assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 
+def test_cpu_spinning_option_reaches_session(exported):
+    spinning = "session.intra_op.allow_spinning"
+    with OrtCpu(exported[0], spinning=False) as backend:
+        entries = backend.session.get_session_options().get_session_config_entry
+        assert entries(spinning) == "0" and backend.describe()["spinning"] is False
+        assert np.isfinite(backend.run(random_batch(1))).all()
+    # On (ONNX Runtime's default): the entry is left unset.
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        OrtCpu(exported[0]).session_options().get_session_config_entry(spinning)
+
+
 def test_cpu_default_threads_are_physical_cores(exported):
     import os
 

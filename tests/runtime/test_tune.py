@@ -218,3 +218,17 @@ def test_candidate_labels_and_keys_are_stable():
     c = Candidate("ort-cpu", "/m/x.onnx", 8, (("graph_optimization", "all"), ("threads", 1)))
     assert c.label == "ort-cpu x.onnx graph_optimization=all threads=1"
     assert c.accuracy_key == ("ort-cpu", "/m/x.onnx", (("graph_optimization", "all"),))
+
+
+def test_each_turn_opens_with_an_untimed_run(models):
+    """The run after another engine's turn is not timed: it pays for the neighbour's
+    spinning threads. Every other run of the turn is."""
+    from convforge.runtime.tune import _timed_round
+
+    with OrtCpu(str(models[0])) as backend:
+        x = np.zeros(backend.spec.shape(2), np.float32)
+        calls = []
+        run = backend.run
+        backend.run = lambda batch: calls.append(batch) or run(batch)
+        samples = _timed_round(backend, x, slot=0.0, iters=10)
+    assert len(calls) == len(samples) + 1 and len(samples) == 3  # MIN_ITERS when out of time

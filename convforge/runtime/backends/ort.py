@@ -141,6 +141,10 @@ class OrtCpu(Backend):
         graph_optimization: str = setting(
             "all", "ONNX Runtime graph optimizations", choices=GRAPH_OPTIMIZATIONS
         )
+        # ONNX Runtime's default. Spinning threads keep their cores busy for a while after a
+        # run: in turns with other engines they slowed the next engine's first call ~2x
+        # (benchmarks/ort_int8_batch1.py); off, they block and cost nothing measured there.
+        spinning: bool = setting(True, "intra-op threads spin-wait for work instead of blocking")
 
     def __init__(self, path: str, **options) -> None:
         super().__init__(path, **options)
@@ -169,6 +173,8 @@ class OrtCpu(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
+        if not self.options.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return so
 
     def _load(self) -> InputSpec:
@@ -191,6 +197,7 @@ class OrtCpu(Backend):
             threads=self.threads,
             threads_source=self.threads_source,
             graph_optimization=self.graph_optimization,
+            spinning=self.options.spinning,
             execution_mode="sequential",
         )
         if self.session is not None:
