@@ -101,6 +101,24 @@ def test_no_mix_that_fits_is_refused(tmp_path):
         )
 
 
+def test_a_mix_without_any_quantized_tensor_is_not_int8(tmp_path):
+    """Pooling then the trapped classifier: keeping the classifier in float fits, but the
+    pooling alone gets no Q/DQ, so that "mix" is the fp32 model and must be refused."""
+    torch.manual_seed(0)
+    (x_train, y_train), (x_test, y_test) = digits(size=8)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    model = train(model, x_train, y_train, epochs=3)
+    with torch.no_grad():
+        model[2].weight[:, 0] *= 0
+        model[2].weight[:, 0] += 1000.0
+    proto = export(model, x_train[:2], tmp_path / "pool_linear.onnx")
+    x_test, y_test = x_test.numpy(), y_test.numpy()
+    with pytest.raises(UserError, match="the mixes that fit leave no layer int8"):
+        int8_within_budget(
+            proto, x_train[:64].numpy(), x_test, y_test, run(proto, x_test), max_drop=0.5
+        )
+
+
 def test_negative_budget_is_a_user_error(trapped):
     proto, calibration, x_test, y_test, reference = trapped
     with pytest.raises(UserError, match="must be >= 0 points"):
@@ -137,3 +155,14 @@ def test_unknown_float_layer_is_a_bug_not_a_user_error(trapped):
     with Int8Quantizer(proto, calibration[:8]) as quantizer:
         with pytest.raises(ValueError, match="not quantizable layers"):
             quantizer.quantize(["no-such-node"])
+
+
+def test_report_says_gain_when_the_mix_beats_fp32():
+    from convforge.export.int8_accuracy import Int8Search
+
+    latency = {"fp32": 80.0, "int8": 39.0, "mixed": 49.0}
+    search = Int8Search(0.5, 0.89, 0.88, 0.8919, 71, ["a", "b"], [], 76, latency, 561.0)
+    first = search.format().splitlines()[0]
+    assert "loses 1.00 points" in first and "2 of 71 layers kept in float gain 0.19" in first
+    search.accuracy = 0.8881
+    assert "2 of 71 layers kept in float lose 0.19" in search.format()
