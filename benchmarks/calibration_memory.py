@@ -164,7 +164,7 @@ def main() -> int:
     for method in methods:
         records.append(measure(path, "convforge", method, args.images))
         print(records[-1], flush=True)
-        for n in map(int, args.peer_images.split(",")):
+        for n in (int(v) for v in args.peer_images.split(",") if v):  # "" = no peer run
             records.append(measure(path, "onnxruntime one pass", method, n))
             print(records[-1], flush=True)
     goal = all(
