@@ -13,6 +13,7 @@ options are exactly what :func:`convforge.runtime.backends.create` gets.
   request, which one stream serves, and a static-shape compile per batch size
   measured no gain here (commit 6ea1095 reverted it);
 * torch: the CPU program; on CUDA fp32 and fp16, with and without CUDA graphs;
+  fp32 files only (export writes the .pt2 program for the fp32 model alone);
 * ort-cuda: with and without a CUDA graph;
 * ort-trt and tensorrt: a TensorRT profile tuned for each batch size (and, for
   tensorrt on an fp32 file, TF32 on and off). fp16 and int8 engines come from
@@ -121,7 +122,13 @@ def candidates(files, batch_sizes, names=None) -> tuple[list[Candidate], list[st
             if not cls.runs(path):
                 skipped.append(f"{name} on {Path(path).name} (runs {', '.join(cls.suffixes)})")
                 continue
-            fp32 = read_info(path).precision == "fp32"
+            precision = read_info(path).precision
+            fp32 = precision == "fp32"
+            if cls.fp32_only and not fp32:
+                skipped.append(
+                    f"{name} on {Path(path).name} (runs fp32 files; this is {precision})"
+                )
+                continue
             for bs in batch_sizes:
                 for opts in VARIANTS[name](bs, batch_sizes, fp32):
                     out.append(Candidate(name, str(path), bs, tuple(sorted(opts.items()))))

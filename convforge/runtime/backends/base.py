@@ -45,6 +45,7 @@ class Backend:
     Options: type = NoOptions  # a frozen dataclass of setting() fields (see .options)
     device_resident: bool = False  # True: stage/run_device_resident/fetch (DeviceResident)
     suffixes: tuple[str, ...] = (".onnx",)  # the files it runs
+    fp32_only: bool = False  # True: runs fp32 files only (tune leaves the others out)
 
     def __init__(self, path: str, **options) -> None:
         self.path = str(path)

@@ -64,6 +64,7 @@ def program_path(path: str | Path) -> Path:
 class TorchProgram(Backend, DeviceResident):
     name = "torch"
     suffixes = (".onnx", ".pt2")  # an .onnx export means the .pt2 program beside it
+    fp32_only = True  # export writes the .pt2 for the fp32 model only
 
     @dataclass(frozen=True)
     class Options:
