@@ -155,7 +155,10 @@ def int8_within_budget(
         while not fits(k):
             if k == most:
                 lost = reference_acc - tried[k][1]
-                raise UserError(_refusal(max_drop, reference_acc - plain_acc, ranked, lost))
+                nothing_int8 = lost <= budget  # it fit, but no tensor of it was quantized
+                raise UserError(
+                    _refusal(max_drop, reference_acc - plain_acc, ranked, lost, nothing_int8)
+                )
             low, k = k, min(2 * k, most)
         while k - low > 1:
             mid = (low + k) // 2
@@ -173,7 +176,9 @@ def _quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
-def _refusal(max_drop: float, plain_drop: float, layers: list[str], mixed_drop=None) -> str:
+def _refusal(
+    max_drop: float, plain_drop: float, layers: list[str], mixed_drop=None, nothing_int8=False
+) -> str:
     said = (
         f"int8 cannot keep top-1 within {max_drop:g} points: with every layer int8 it loses "
         f"{plain_drop * 100:.2f}"
@@ -182,7 +187,7 @@ def _refusal(max_drop: float, plain_drop: float, layers: list[str], mixed_drop=N
         return f"{said}, and it has no quantizable layer to keep in float"
     if mixed_drop is None:
         return f"{said}, and its only quantizable layer is {layers[0]}"
-    if mixed_drop * 100 <= max_drop:  # it fit, but the one int8 layer got no Q/DQ of its own
+    if nothing_int8:
         return (
             f"{said}, and the mixes that fit leave no layer int8; export without --int8, "
             "or raise --int8-max-drop"

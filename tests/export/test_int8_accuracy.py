@@ -61,6 +61,11 @@ def test_the_search_keeps_the_classifier_in_float(trapped):
     gemm = [n.name for n in model.graph.node if n.op_type == "Gemm"]
     assert search.float_layers == gemm, search.ranking
     assert search.ranking[0]["layer"] == gemm[0]
+    # Ranked by the logit error with each layer alone in int8: the trapped classifier alone
+    # wrecks the logits, a convolution alone barely moves them. (Ranked the other way, by
+    # the error with each layer alone in float, the classifier's entry would be the small one.)
+    errors = [entry["logit_mse"] for entry in search.ranking]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 100 * errors[1], errors
     assert search.reference_accuracy - search.accuracy <= 0.005
     assert search.plain_accuracy < search.reference_accuracy - 0.3
     assert accuracy(run(model, x_test), y_test) == pytest.approx(search.accuracy)
