@@ -1,0 +1,173 @@
+"""Stage bookkeeping: reuse while inputs are the same, rerun what changed and what follows,
+resume after an interruption (training from its last.pt)."""
+
+import dataclasses
+from unittest import mock
+
+import pytest
+
+from convforge.pipeline import stages
+from convforge.pipeline.recipe import Recipe
+from convforge.pipeline.stages import Run, Stage
+
+
+class Counting:
+    """Stages a -> b -> c whose settings come from ``self.settings``; counts each run."""
+
+    def __init__(self):
+        self.settings = {"a": 1, "b": 1, "c": 1}
+        self.calls: list[str] = []
+        self.fail: str | None = None
+
+    def body(self, name):
+        def run(r: Run) -> dict:
+            if self.fail == name:
+                raise KeyboardInterrupt
+            self.calls.append(name)
+            (r.out / f"{name}.txt").write_text(name)
+            return {"value": self.settings[name], "outputs": [f"{name}.txt"]}
+
+        return run
+
+    def stages(self):
+        return [
+            Stage("a", (), lambda rc: self.settings["a"], self.body("a")),
+            Stage("b", ("a",), lambda rc: self.settings["b"], self.body("b")),
+            Stage("c", ("b",), lambda rc: self.settings["c"], self.body("c")),
+        ]
+
+    def run(self, out, force=False):
+        run = Run(Recipe(), out, force=force, log=lambda *a: None)
+        for stage in self.stages():
+            run.run(stage)
+        return run
+
+
+def test_a_second_run_reuses_every_stage(tmp_path):
+    c = Counting()
+    c.run(tmp_path)
+    run = c.run(tmp_path)
+    assert c.calls == ["a", "b", "c"] and run.reused == ["a", "b", "c"]
+    assert run.results["c"] == {"value": 1, "outputs": ["c.txt"]}
+
+
+def test_a_changed_setting_reruns_its_stage_and_those_after_it(tmp_path):
+    c = Counting()
+    c.run(tmp_path)
+    c.settings["b"] = 2
+    run = c.run(tmp_path)
+    assert c.calls == ["a", "b", "c", "b", "c"] and run.reused == ["a"]
+    assert run.results["b"]["value"] == 2
+
+
+def test_force_reruns_everything(tmp_path):
+    c = Counting()
+    c.run(tmp_path)
+    c.run(tmp_path, force=True)
+    assert c.calls == ["a", "b", "c"] * 2
+
+
+def test_a_missing_output_reruns_the_stage(tmp_path):
+    c = Counting()
+    c.run(tmp_path)
+    (tmp_path / "c.txt").unlink()
+    c.run(tmp_path)
+    assert c.calls == ["a", "b", "c", "c"]
+
+
+def test_an_interrupted_run_resumes_at_the_stage_it_stopped_in(tmp_path):
+    c = Counting()
+    c.fail = "b"
+    with pytest.raises(KeyboardInterrupt):
+        c.run(tmp_path)
+    assert not (tmp_path / ".stages" / "b.json").exists()
+    c.fail = None
+    run = c.run(tmp_path)
+    assert c.calls == ["a", "b", "c"] and run.reused == ["a"]
+
+
+def test_a_corrupt_stamp_reruns_the_stage(tmp_path):
+    c = Counting()
+    c.run(tmp_path)
+    (tmp_path / ".stages" / "a.json").write_text("{not json")
+    c.run(tmp_path)
+    assert c.calls == ["a", "b", "c", "a"]  # same fingerprint: b and c still reused
+
+
+TINY = Recipe(
+    name="tiny",
+    model={"arch": "resnet18", "stem": "small", "options": {"base_width": 8}},
+    train=dataclasses.replace(Recipe().train, input_size=16, epochs=2),
+)
+
+
+def test_training_resumes_from_last_pt_after_an_interruption(tmp_path):
+    """Interrupted in epoch 2, the train stage resumes the same run from its last.pt."""
+    from convforge.builder.training import trainer
+
+    real = trainer._Run._epoch
+
+    def stop_in_epoch_two(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    train = next(s for s in stages.STAGES if s.name == "train")
+    lines: list[str] = []
+    run = Run(TINY, tmp_path, log=lines.append)
+    with mock.patch.object(trainer._Run, "_epoch", stop_in_epoch_two):
+        with pytest.raises(KeyboardInterrupt):
+            run.run(train)
+    assert (tmp_path / "train" / "last.pt").exists()
+    run = Run(TINY, tmp_path, log=lines.append)
+    with mock.patch.object(trainer._Run, "_epoch", autospec=True, side_effect=real) as epoch:
+        run.run(train)
+    assert [c.args[1] for c in epoch.call_args_list] == [1]  # only epoch 2 ran again
+    assert any("resuming the interrupted run" in line for line in lines)
+    assert run.results["train"]["epochs"] == 2 and len(run.results["train"]["history"]) == 2
+
+
+def test_changed_training_settings_start_afresh(tmp_path):
+    """A last.pt from other settings is not resumed: the folder is cleared and training starts
+    over (so a stale best.pt can never be taken for the new run's)."""
+    (tmp_path / ".stages").mkdir()
+    (tmp_path / ".stages" / "train.started").write_text("another fingerprint")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "last.pt").write_text("stale")
+    started = []
+    train = next(s for s in stages.STAGES if s.name == "train")
+    with mock.patch("convforge.builder.training.trainer.train", side_effect=KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            Run(TINY, tmp_path, log=started.append).run(train)
+    assert not (tmp_path / "train").exists()
+    assert not any("resuming" in line for line in started)
+
+
+@pytest.mark.slow
+def test_transfer_recipe_pretrains_then_fine_tunes(tmp_path):
+    from convforge.builder.finetune import FinetuneOptions
+    from convforge.builder.transfer import STRATEGIES
+
+    recipe = dataclasses.replace(
+        TINY,
+        pretrain=dataclasses.replace(
+            TINY.train, dataset="synthetic:classes=4,size=16,per_class=40", epochs=1
+        ),
+        finetune=FinetuneOptions(pretrained="", strategy="auto"),
+        train=dataclasses.replace(TINY.train, epochs=1),
+    )
+    run = Run(recipe, tmp_path, log=lambda *a: None, progress=False)
+    for stage in stages.STAGES:
+        if stage.name in ("pretrain", "train"):
+            run.run(stage)
+    assert (tmp_path / "pretrain" / "best.pt").exists() and (
+        tmp_path / "train" / "best.pt"
+    ).exists()
+    transfer = run.results["train"]["transfer"]
+    assert transfer["strategy"] in STRATEGIES and transfer["reason"].startswith("auto: ")
+    assert stages.stage_names(recipe)[:4] == ["data", "init", "pretrain", "train"]
+    # The fine-tuned model is the pretrained one adapted: 10 digit classes, 1 channel.
+    from convforge.builder.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tmp_path / "train" / "best.pt")
+    assert ck["model_config"]["num_classes"] == 10 and ck["model_config"]["in_channels"] == 1
