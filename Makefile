@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/convforge demo
+	$(BIN)/convforge pipeline recipes/default.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

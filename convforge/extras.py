@@ -30,6 +30,7 @@ EXTRA_OF = {
     "matplotlib": ("matplotlib", "train"),
     "onnxscript": ("onnxscript (the ONNX exporter)", "train"),
     "onnxconverter_common": ("onnxconverter-common (fp16 conversion)", "train"),
+    "yaml": ("PyYAML (pipeline recipes)", "train"),
     "onnxruntime": ("ONNX Runtime", "cpu"),
     "openvino": ("OpenVINO", "openvino"),
     "tensorrt": ("TensorRT", "tensorrt"),

@@ -32,8 +32,11 @@ class FinetuneOptions:
     unfreeze_at: int = setting(0, "1-based epoch from which frozen stages train too (0 = never)")
 
 
-def finetune(opts: FinetuneOptions, cfg: TrainConfig, log=print) -> TrainResult:
-    """Fine-tune ``opts.pretrained`` on ``cfg.dataset``; returns the trainer's result."""
+def finetune(
+    opts: FinetuneOptions, cfg: TrainConfig, log=print, progress: bool = True
+) -> TrainResult:
+    """Fine-tune ``opts.pretrained`` on ``cfg.dataset``; returns the trainer's result.
+    ``progress``: the trainer's per-epoch log."""
     from convforge.errors import check_choice
 
     check_choice("strategy", opts.strategy, transfer.STRATEGIES)
@@ -62,7 +65,9 @@ def finetune(opts: FinetuneOptions, cfg: TrainConfig, log=print) -> TrainResult:
         f"backbone LR x {plan.backbone_lr_mult} ({plan.reason})"
     )
     extra = {"pretrained": str(Path(opts.pretrained))}
-    return train(model_cfg, cfg, plan=plan, model=model, bundle=bundle, extra=extra)
+    return train(
+        model_cfg, cfg, plan=plan, model=model, bundle=bundle, extra=extra, progress=progress
+    )
 
 
 def _auto_plan(model, model_cfg, cfg, bundle, opts, log) -> transfer.TransferPlan:

@@ -3,7 +3,7 @@
 One module per command group: :mod:`.builder` (models, diagnose, train,
 finetune, augment-preview), :mod:`.export` (export, inspect), :mod:`.runtime`
 (predict, bench, backends, serve), :mod:`.tune` (tune, and ``--plan``) and
-:mod:`.demo`. A command's parser is built only when that command runs, from the
+:mod:`.pipeline` (pipeline, demo). A command's parser is built only when that command runs, from the
 settings dataclasses of the part it calls (:mod:`.options`): ``convforge predict``
 never imports torch, and a command whose extra is not installed says which one in
 a line before anything else happens (:mod:`convforge.extras`).
@@ -27,6 +27,7 @@ from convforge.errors import UserError, check_choice
 
 TRAIN = ("torch", "torchvision", "sklearn", "matplotlib")  # what builder commands import
 EXPORT = (*TRAIN, "onnxscript", "onnxruntime")  # + the exporter and the validating engine
+PIPELINE = (*EXPORT, "onnxconverter_common", "yaml")  # + fp16 variants, the recipe file
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,8 @@ COMMANDS = {
     "backends": Command("runtime", "each backend's options, and whether it runs here"),
     "serve": Command("runtime", "serve models over KServe v2 (HTTP, gRPC)", ("kserve",)),
     "tune": Command("tune", "fastest backend x precision x settings per batch size: a plan"),
-    "demo": Command(
-        "demo",
-        "the pipeline on the bundled dataset, with a report",
-        (*EXPORT, "onnxconverter_common"),
-    ),
+    "pipeline": Command("pipeline", "a recipe from data to a deployment decision", PIPELINE),
+    "demo": Command("pipeline", "the default recipe (digits), ending in a report", PIPELINE),
 }
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from convforge.cli.options import add_json, add_settings, csv, settings_from, settings_values
-from convforge.errors import UserError
+from convforge.errors import UserError, check_int
 
 
 def _add_model(p, *, defaults: dict, skip: tuple[str, ...] = ()) -> None:
@@ -144,6 +144,13 @@ def diagnose_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-size", type=int, default=32, help="square input side in px (32)")
     g.add_argument("--batch-size", type=int, default=32, help="images in the batch (32)")
     g.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (0)")
+    g.add_argument(
+        "--seeds",
+        type=int,
+        default=10,
+        help="also report each depth ratio's median and range over seeds 0..N-1 (10; one "
+        "draw's ratio varies widely); 1 = the table's seed only",
+    )
     g.add_argument("--out", default="runs/diagnose", help="folder for the PNG and JSON")
     add_json(p)
     p.set_defaults(func=cmd_diagnose_init)
@@ -154,7 +161,9 @@ def cmd_diagnose_init(args) -> int:
     from convforge.builder.diagnose_init import (
         as_record,
         format_runs,
+        format_spread,
         plot_init_experiment,
+        ratio_spread,
         run_init_experiment,
     )
     from convforge.files import ensure_dir, write_text
@@ -170,11 +179,18 @@ def cmd_diagnose_init(args) -> int:
     plot_init_experiment(runs, out / f"{stem}.png")
     record = as_record(runs)
     record["plot"] = str(out / f"{stem}.png")
+    spread = None
+    if check_int("--seeds", args.seeds) > 1:
+        seeds = range(args.seeds)
+        spread = ratio_spread(config, inits, seeds, args.input_size, args.batch_size)
+        record["depth_ratio_spread"] = spread
     write_text(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
     print(format_runs(runs))
+    if spread:
+        print("depth ratio " + format_spread(spread))
     print(f"\nplot: {out / f'{stem}.png'}\njson: {out / f'{stem}.json'}")
     return 0
 

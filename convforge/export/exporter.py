@@ -183,6 +183,18 @@ class ExportOptions:
         "/255, mean and std inside the graph",
     )
 
+    def check(self) -> ExportOptions:
+        """Self, or a UserError naming the option out of range (before any work)."""
+        check_int("--val-samples", self.val_samples)
+        check_choice("--input-format", self.input_format, contract.INPUT_FORMATS)
+        if self.int8:
+            check_choice("int8 target", self.int8_target, INT8_TARGETS)
+            check_choice("calibration method", self.calib_method, CALIBRATION_METHODS)
+            check_int("--calib-samples", self.calib_samples)
+            if not 0 <= self.int8_max_drop <= 100:
+                raise UserError(f"--int8-max-drop must be 0-100 points, got {self.int8_max_drop:g}")
+        return self
+
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions) -> ExportReport:
     """``convforge export``: checkpoint -> validated ONNX (+ variants, Triton repo, report)."""
@@ -191,14 +203,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     from convforge.export import precision
     from convforge.export.int8_accuracy import int8_within_budget
 
-    check_int("--val-samples", opts.val_samples)
-    check_choice("--input-format", opts.input_format, contract.INPUT_FORMATS)
-    if opts.int8:
-        check_choice("int8 target", opts.int8_target, INT8_TARGETS)
-        check_choice("calibration method", opts.calib_method, CALIBRATION_METHODS)
-        check_int("--calib-samples", opts.calib_samples)
-        if not 0 <= opts.int8_max_drop <= 100:
-            raise UserError(f"--int8-max-drop must be 0-100 points, got {opts.int8_max_drop:g}")
+    opts.check()
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"output path must end in .onnx, got {out}")

@@ -25,6 +25,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -135,12 +136,14 @@ def bench_matrix(
     cfg: BenchConfig,
     options: dict[str, dict] | None = None,
     labelled: tuple[list, list[int]] | None = None,
+    skip_failures: bool = False,
 ) -> tuple[list[dict], list[str]]:
     """Records for every model file x backend x batch size, and what was skipped, why.
 
     ``names``: the backends to run; each must run every file (a failure is
-    raised). ``None``: every backend available here; one that cannot run a
-    file is skipped with the reason. ``options[name]`` go to backend ``name``
+    raised, unless ``skip_failures``: then it is skipped with the reason, as
+    the pipeline's report lists). ``None``: every backend available here; one
+    that cannot run a file is skipped with the reason. ``options[name]`` go to backend ``name``
     for the timing and the accuracy alike. ``labelled`` (raw images, labels)
     adds each record's ``top1_accuracy``. UserError when nothing ran.
     """
@@ -162,7 +165,7 @@ def bench_matrix(
                     acc = accuracy(name, path, *labelled, **options.get(name, {}))
                     rs = [{**r, "top1_accuracy": acc} for r in rs]
             except UserError as e:
-                if explicit:
+                if explicit and not skip_failures:
                     raise
                 skipped.append(f"{name} on {path} ({e})")
                 continue
@@ -332,18 +335,29 @@ def plot(path, records: list[dict]) -> None:
     from convforge.plots import pyplot, save_png
 
     plt = pyplot()
-    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(13, 4.5))
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["backend"], r["precision"], r["timing"]), []).append(r)
-    for (backend, precision, timing), rs in groups.items():
+        key = (r["backend"], r["precision"], r["timing"], Path(r.get("model", "")).name)
+        groups.setdefault(key, []).append(r)
+    files = list(dict.fromkeys(k[3] for k in groups))
+    # One colour per backend x precision x timing, one line style per file.
+    colours = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys(k[:3] for k in groups))}
+    styles = ("-", "--", ":", "-.")
+    for (backend, precision, timing, name), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["batch_size"])
         label = f"{backend} {precision}" + (" (compute)" if timing == "compute-only" else "")
+        label += f", {name}" if len(files) > 1 else ""
         bs = [r["batch_size"] for r in rs]
-        ax_lat.plot(bs, [r["p50_ms"] for r in rs], marker="o", label=label)
-        ax_tp.plot(bs, [r["throughput_ips"] for r in rs], marker="o", label=label)
+        style = {"marker": "o", "label": label, "color": colours[(backend, precision, timing)],
+                 "linestyle": styles[files.index(name) % len(styles)]}  # fmt: skip
+        ax_lat.plot(bs, [r["p50_ms"] for r in rs], **style)
+        ax_tp.plot(bs, [r["throughput_ips"] for r in rs], **style)
+    sizes = sorted({r["batch_size"] for r in records})
     for ax, ylabel in ((ax_lat, "p50 latency (ms)"), (ax_tp, "throughput (images/s)")):
         ax.set(xlabel="batch size", ylabel=ylabel, xscale="log")
+        ax.set_xticks(sizes, [str(s) for s in sizes])  # the sizes run, not 2x10^0
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    ax_tp.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     save_png(fig, path)

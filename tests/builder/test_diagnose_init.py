@@ -6,7 +6,9 @@ from convforge.builder import ModelConfig
 from convforge.builder.diagnose_init import (
     as_record,
     format_runs,
+    format_spread,
     plot_init_experiment,
+    ratio_spread,
     run_init_experiment,
 )
 from convforge.errors import UserError
@@ -61,3 +63,23 @@ def test_bad_batch_size_is_a_user_error():
 def test_unknown_init_is_a_user_error():
     with pytest.raises(UserError, match="unknown init 'he'"):
         run_init_experiment(ModelConfig("plain"), ["he"])
+
+
+def test_one_draw_of_the_relu_kaiming_ratio_says_little():
+    """Why the README and the old demo disagreed (0.97 against 0.42): the head is built, and
+    draws from the generator, before the weights are initialized, so the head size alone
+    changes seed 0's draw. Over seeds the ratio spreads widely around ~1; the median is
+    the number both now print."""
+    ratio = {}
+    for classes in (10, 1000):
+        cfg = ModelConfig("plain", num_classes=classes, stem="small", norm="none")
+        (run,) = run_init_experiment(cfg, ["kaiming"], seed=0)
+        ratio[classes] = run.depth_ratio
+    assert abs(ratio[1000] - ratio[10]) > 0.3
+    config = ModelConfig("plain", stem="small", norm="none")
+    kaiming = ratio_spread(config, ["kaiming"], range(10))["kaiming"]
+    assert kaiming["min"] <= kaiming["median"] <= kaiming["max"] and kaiming["seeds"] == 10
+    assert kaiming["max"] / kaiming["min"] > 2  # 0.47 to 1.09
+    spread = ratio_spread(config, INITS, range(2))
+    assert spread["small"]["max"] < 1e-6 and spread["xavier"]["max"] < 0.1
+    assert format_spread(spread).startswith("over 2 seeds, median (min-max): small ")

@@ -72,6 +72,8 @@ def test_diagnose_init_json_on_stdout(tmp_path, capsys):
                 "vgg11",
                 "--init",
                 "kaiming",
+                "--seeds",
+                "1",
                 "--json",
                 "--out",
                 str(tmp_path),
@@ -81,6 +83,19 @@ def test_diagnose_init_json_on_stdout(tmp_path, capsys):
     )
     record = json.loads(capsys.readouterr().out)
     assert record["config"]["arch"] == "vgg11" and len(record["runs"][0]["layers"]) == 8
+    assert "depth_ratio_spread" not in record  # --seeds 1: the table's seed only
+
+
+def test_diagnose_init_reports_the_spread_over_seeds(tmp_path, capsys):
+    argv = ["diagnose", "init", "--depth", "4", "--seeds", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "depth ratio over 3 seeds, median (min-max): small " in out
+    assert main([*argv, "--json"]) == 0
+    spread = json.loads(capsys.readouterr().out)["depth_ratio_spread"]
+    assert set(spread) == {"small", "xavier", "kaiming"} and spread["kaiming"]["seeds"] == 3
+    assert main([*argv[:-4], "--seeds", "0"]) == 2
+    assert "--seeds must be a positive integer, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,7 @@ MISSING = [
     (["augment-preview"], ["torch"], "convforge augment-preview needs PyTorch"),
     (["train"], ["sklearn"], "convforge train needs scikit-learn: pip install 'convforge[train]'"),
     (["demo"], ["torch"], "convforge demo needs PyTorch: pip install 'convforge[train]'"),
+    (["pipeline", "r.yaml"], ["yaml"], "convforge pipeline needs PyYAML (pipeline recipes)"),
     (["export", "a.pt", "-o", "a.onnx"], ["torch"], "convforge export needs PyTorch"),
     (["export", "a.pt", "-o", "a.onnx"], ["onnxruntime"], f"export needs ONNX Runtime: {CPU_HINT}"),
     (["export", "a.pt", "-o", "a.onnx"], ["onnxscript"], "export needs onnxscript"),

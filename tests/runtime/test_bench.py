@@ -155,6 +155,9 @@ def test_the_matrix_skips_what_cannot_run_only_when_backends_are_not_named(tmp_p
         bench.bench_matrix([missing], ["ort-cpu"], cfg)
     with pytest.raises(UserError, match=r"no backend could run: .*ort-cpu on .*nope.onnx"):
         bench.bench_matrix([missing], None, cfg)
+    # skip_failures: a named backend that cannot run a file is listed, not fatal.
+    with pytest.raises(UserError, match=r"no backend could run: ort-cpu on .*nope.onnx"):
+        bench.bench_matrix([missing], ["ort-cpu"], cfg, skip_failures=True)
 
 
 def test_a_single_batch_size_backend_gets_one_instance_per_size(onnx_file, monkeypatch):

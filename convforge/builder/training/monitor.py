@@ -71,6 +71,7 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
             ema = [h.get(f"ema_val_{key}") for h in history]
             ax.plot(epochs, ema, marker="o", ms=3, label="val (EMA)")
         ax.set(xlabel="epoch", ylabel=label, title=label)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
