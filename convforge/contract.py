@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ _QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearM
 # sends the decoded buffer as is; the graph does the /255, mean and std itself
 # (convforge.export.input_format).
 INPUT_FORMATS = {"float32": ("float32", "NCHW"), "uint8": ("uint8", "NHWC")}
+# Graph input element types a runtime can feed: TensorProto number -> numpy dtype name.
+INPUT_DTYPES = {1: "float32", 10: "float16", 2: "uint8"}
+# Preprocessing for a file made elsewhere (no convforge metadata): torchvision's ImageNet
+# evaluation transform (resize the shorter side to input / 0.875, centre-crop, normalize).
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CROP_FRACTION = 0.875
 
 # key (without PREFIX) -> what its value means. Strings are stored as-is, the rest as JSON.
 KEYS = {
@@ -197,6 +205,14 @@ def write_props(model, props: Mapping[str, str], replace_all: bool = False) -> N
         model.metadata_props.add(key=key, value=value)
 
 
+_WARNED: set[str] = set()  # files whose defaults were already said
+
+
+class DefaultsWarning(UserWarning):
+    """A file made elsewhere runs with default preprocessing (ImageNet mean/std, resize and
+    centre crop, index labels): said whenever the defaults are used."""
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What the model takes: ``dtype`` batches in ``layout``, N dynamic.
@@ -210,6 +226,11 @@ class InputSpec:
     width: int
     dtype: str = "float32"  # numpy dtype name of the graph input
     layout: str = "NCHW"  # NCHW or NHWC
+    batch: int | None = None  # the graph's fixed batch size; None: any
+
+    def takes(self, n: int) -> bool:
+        """Whether a batch of ``n`` fits the graph's batch dimension."""
+        return self.batch is None or n == self.batch
 
     def shape(self, n: int) -> tuple[int, int, int, int]:
         """The input shape of a batch of ``n`` in this spec's layout."""
@@ -236,6 +257,20 @@ class ModelInfo:
     arch: str
     metadata: dict  # every convforge.* entry, decoded, without the prefix (and precision)
     int8_symmetric: bool | None = None  # int8 files: see int8_symmetric(); else None
+    input_name: str = INPUT_NAME  # the graph's image input
+    output_name: str = OUTPUT_NAME  # the graph output read as class scores
+    defaults: tuple[str, ...] = ()  # what a file made elsewhere left to defaults (see below)
+
+    @property
+    def defaults_note(self) -> str | None:
+        """One line naming the preprocessing defaults in use, or None (a convforge export)."""
+        if not self.defaults:
+            return None
+        return (
+            f"{Path(self.path).name} has no convforge metadata; using "
+            + ", ".join(self.defaults)
+            + "; if the model was trained with others, its predictions will be off"
+        )
 
     @property
     def int8_target(self) -> str | None:
@@ -258,11 +293,11 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
-    symmetric = None
+    symmetric, names = None, (INPUT_NAME, OUTPUT_NAME)
     if path.suffix == ".pt2":
         meta, spec = _pt2_metadata(path), None
     else:
-        meta, spec, symmetric = _onnx_metadata(path)
+        meta, spec, symmetric, names = _onnx_metadata(path)
     c = meta.get("channels", spec.channels if spec else None)
     size = meta.get("input_size", spec.height if spec else None)
     if c is None or size is None:
@@ -273,18 +308,49 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
     if spec is None:
         spec = InputSpec(int(c), int(size), int(size))
     n_classes = len(meta["classes"]) if "classes" in meta else 0
-    return ModelInfo(
+    mean, std, resize, defaults = _preprocessing(meta, spec)
+    info = ModelInfo(
         path=str(path),
         spec=spec,
         classes=list(meta.get("classes") or [str(i) for i in range(n_classes)]),
-        mean=list(meta.get("mean", [0.0] * spec.channels)),
-        std=list(meta.get("std", [1.0] * spec.channels)),
-        resize_size=int(meta.get("resize_size", spec.height)),
+        mean=mean,
+        std=std,
+        resize_size=resize,
         precision=str(meta.get("precision", "fp32")),
         arch=str(meta.get("arch", "unknown")),
         metadata=meta,
         int8_symmetric=symmetric,
+        input_name=names[0],
+        output_name=names[1],
+        defaults=defaults,
     )
+    if info.defaults_note and str(path) not in _WARNED:  # once per file and process
+        _WARNED.add(str(path))
+        warnings.warn(DefaultsWarning(info.defaults_note), stacklevel=2)
+    return info
+
+
+def _preprocessing(meta: dict, spec: InputSpec) -> tuple[list, list, int, tuple[str, ...]]:
+    """mean, std and resize size from the metadata, or the defaults for a file made elsewhere
+    (ImageNet statistics and torchvision's resize + centre crop), and which were defaulted.
+    A uint8-input graph normalizes inside, so its mean and std are never defaulted."""
+    if "input_size" in meta or "channels" in meta:  # a convforge export: its own values
+        mean = list(meta.get("mean", [0.0] * spec.channels))
+        std = list(meta.get("std", [1.0] * spec.channels))
+        return mean, std, int(meta.get("resize_size", spec.height)), ()
+    defaults = []
+    if spec.dtype == "uint8":
+        mean, std = [0.0] * spec.channels, [1.0] * spec.channels
+    elif spec.channels == 3:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        defaults.append("ImageNet mean/std")
+    else:
+        mean, std = [0.5] * spec.channels, [0.5] * spec.channels
+        defaults.append("mean/std 0.5")
+    resize = round(spec.height / CROP_FRACTION) if spec.height == spec.width else spec.height
+    defaults.append(f"resize {resize} + centre crop {spec.height}")
+    defaults.append("class indices as labels")
+    return mean, std, resize, tuple(defaults)
 
 
 def load_onnx(path: str | os.PathLike, weights: bool = True):
@@ -303,44 +369,65 @@ def load_onnx(path: str | os.PathLike, weights: bool = True):
     return model
 
 
-def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None]:
+def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None, tuple[str, str]]:
+    """metadata, input spec, int8 symmetry and (input name, output name) of an ONNX file.
+
+    The input is the graph input named :data:`INPUT_NAME`, else the graph's one
+    input (initializers listed as inputs do not count); the output is the one
+    named :data:`OUTPUT_NAME`, else the first. A file without ``input_format``
+    metadata gets its layout from the shape: NHWC when the last axis holds 1 or
+    3 channels and the second does not, else NCHW.
+    """
     model = load_onnx(path, weights=False)
-    inputs = [i for i in model.graph.input if i.name == INPUT_NAME] or list(model.graph.input)
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
     if not inputs:
         raise UserError(f"{path} is not a readable ONNX model: it has no inputs")
-    tensor = inputs[0].type.tensor_type
+    named = [i for i in inputs if i.name == INPUT_NAME]
+    if not named and len(inputs) > 1:
+        listed = ", ".join(i.name for i in inputs)
+        raise UserError(f"{path} has {len(inputs)} inputs ({listed}); an image classifier has one")
+    graph_input = (named or inputs)[0]
+    tensor = graph_input.type.tensor_type
+    outputs = [o.name for o in model.graph.output]
+    output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
     dims = [d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim]
     meta = decode(read_props(model))
-    fmt = _input_format(path, meta, tensor.elem_type)
-    dtype, layout = INPUT_FORMATS[fmt]
+    dtype = INPUT_DTYPES.get(tensor.elem_type)
+    if dtype is None:
+        raise UserError(
+            f"{path}: its input {graph_input.name!r} has element type {tensor.elem_type} "
+            f"(onnx.TensorProto); accepted: {', '.join(INPUT_DTYPES.values())}"
+        )
+    layout = _layout(path, meta, dtype, dims)
     if len(dims) != 4 or None in dims[1:]:
         axes = ", ".join(layout[1:])  # "C, H, W" or "H, W, C"
         raise UserError(f"{path}: input must be [N, {axes}] with fixed {axes}; got {dims}")
     meta.setdefault("precision", graph_precision(model))
     symmetric = int8_symmetric(model) if meta["precision"] == "int8" else None
     c, h, w = (dims[3], dims[1], dims[2]) if layout == "NHWC" else dims[1:]
-    return meta, InputSpec(c, h, w, dtype, layout), symmetric
+    spec = InputSpec(c, h, w, dtype, layout, dims[0])
+    return meta, spec, symmetric, (graph_input.name, output)
 
 
-def _input_format(path: Path, meta: dict, elem_type: int) -> str:
-    """The file's input format: its metadata, checked against the graph input's type."""
-    fmt = meta.get("input_format", "float32")
-    if fmt not in INPUT_FORMATS:
-        raise UserError(
-            f"{path}: unknown input_format {fmt!r}; accepted: {', '.join(INPUT_FORMATS)}"
-        )
-    graph_uint8 = elem_type == 2  # TensorProto.UINT8
-    if graph_uint8 and "input_format" not in meta:
-        raise UserError(
-            f"{path}: its input is uint8 but it has no {PREFIX}input_format metadata, so its "
-            "layout is unknown; export it with `convforge export --input-format uint8`"
-        )
-    if graph_uint8 != (fmt == "uint8"):
-        raise UserError(
-            f"{path}: its metadata says input_format {fmt}, but the graph input is "
-            f"{'uint8' if graph_uint8 else 'not uint8'}"
-        )
-    return fmt
+def _layout(path: Path, meta: dict, dtype: str, dims: list) -> str:
+    """The input's layout: the file's input_format metadata (checked against the graph's
+    type), or, for a file made elsewhere, the one its shape suggests."""
+    fmt = meta.get("input_format")
+    if fmt is not None:
+        if fmt not in INPUT_FORMATS:
+            raise UserError(
+                f"{path}: unknown input_format {fmt!r}; accepted: {', '.join(INPUT_FORMATS)}"
+            )
+        if (dtype == "uint8") != (fmt == "uint8"):
+            raise UserError(
+                f"{path}: its metadata says input_format {fmt}, but the graph input is "
+                f"{'uint8' if dtype == 'uint8' else 'not uint8'}"
+            )
+        return INPUT_FORMATS[fmt][1]
+    if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
+        return "NHWC"
+    return "NCHW"
 
 
 def _pt2_metadata(path: Path) -> dict:

@@ -147,7 +147,6 @@ def test_the_input_format_round_trips(tmp_path):
     "fmt, elem_type, message",
     [
         ("bgr", TensorProto.UINT8, "unknown input_format 'bgr'; accepted: float32, uint8"),
-        (None, TensorProto.UINT8, "its input is uint8 but it has no convforge.input_format"),
         ("uint8", TensorProto.FLOAT, "says input_format uint8, but the graph input is not uint8"),
     ],
 )
@@ -156,3 +155,63 @@ def test_an_input_format_that_does_not_fit_the_graph_is_refused(fmt, elem_type, 
     onnx.save(_pixels_model(props, elem_type), tmp_path / "m.onnx")
     with pytest.raises(UserError, match=message):
         contract.read_info(tmp_path / "m.onnx")
+
+
+def _foreign(inputs, outputs, name="m.onnx", tmp_path=None):
+    """A graph of Identity/Add nodes with the given (name, type, shape) inputs and outputs,
+    no convforge metadata: a file made elsewhere."""
+    ins = [helper.make_tensor_value_info(n, t, shape) for n, t, shape in inputs]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in outputs]
+    first = inputs[0][0]
+    nodes = [helper.make_node("Cast", [first], [o.name], to=TensorProto.FLOAT) for o in outs]
+    model = helper.make_model(helper.make_graph(nodes, "g", ins, outs))
+    onnx.save(model, tmp_path / name)
+    return tmp_path / name
+
+
+def test_names_and_batch_come_from_the_graph(tmp_path):
+    path = _foreign([("input.1", TensorProto.FLOAT, [1, 3, 8, 8])],
+                    [("191", [1, 3, 8, 8]), ("aux", [1, 3, 8, 8])], tmp_path=tmp_path)  # fmt: skip
+    with pytest.warns(contract.DefaultsWarning, match="has no convforge metadata; using Ima"):
+        info = contract.read_info(path)
+    assert (info.input_name, info.output_name) == ("input.1", "191")  # the first output
+    assert info.spec == contract.InputSpec(3, 8, 8, "float32", "NCHW", batch=1)
+    assert info.spec.takes(1) and not info.spec.takes(4)
+    assert info.mean == contract.IMAGENET_MEAN and info.resize_size == 9  # 8 / 0.875
+    assert "resize 9 + centre crop 8" in info.defaults_note
+
+
+def test_layout_and_type_of_a_foreign_input_come_from_its_shape(tmp_path):
+    nhwc = _foreign([("img", TensorProto.UINT8, ["n", 8, 8, 3])], [("out", ["n", 8, 8, 3])],
+                    tmp_path=tmp_path)  # fmt: skip
+    info = contract.read_info(nhwc)
+    assert info.spec == contract.InputSpec(3, 8, 8, "uint8", "NHWC")
+    assert "ImageNet mean/std" not in info.defaults  # a uint8 graph normalizes inside
+    half = _foreign([("x", TensorProto.FLOAT16, ["n", 1, 8, 8])], [("y", ["n", 1, 8, 8])],
+                    name="h.onnx", tmp_path=tmp_path)  # fmt: skip
+    info = contract.read_info(half)
+    assert info.spec == contract.InputSpec(1, 8, 8, "float16", "NCHW")
+    assert info.mean == [0.5] and info.input_format == "float32"
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ([("a", TensorProto.FLOAT, [1, 3, 8, 8]), ("b", TensorProto.FLOAT, [1, 3, 8, 8])],
+         "has 2 inputs (a, b); an image classifier has one"),
+        ([("ids", TensorProto.INT64, [1, 3, 8, 8])],
+         "its input 'ids' has element type 7 (onnx.TensorProto); accepted: float32, float16"),
+    ],
+)  # fmt: skip
+def test_inputs_a_classifier_cannot_have_are_one_line_errors(inputs, message, tmp_path):
+    path = _foreign(inputs, [("y", [1, 3, 8, 8])], tmp_path=tmp_path)
+    with pytest.raises(UserError) as e:
+        contract.read_info(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_convforge_export_has_no_defaults(tmp_path):
+    onnx.save(_model(props=_props()), tmp_path / "m.onnx")
+    info = contract.read_info(tmp_path / "m.onnx")
+    assert info.defaults == () and info.defaults_note is None
+    assert (info.input_name, info.output_name) == ("input", "logits")

@@ -19,6 +19,7 @@ A coefficient of variation above 10% marks the record ``unstable``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -158,9 +159,13 @@ def bench_matrix(
             (names.append(name) if ok else skipped.append(f"{name} ({why})"))
     records = []
     for path in models:
+        sizes = _sizes_that_fit(path, cfg.batch_sizes, skipped)
+        if not sizes:
+            continue
+        file_cfg = dataclasses.replace(cfg, batch_sizes=sizes)
         for name in names:
             try:
-                rs = bench_backend(name, path, cfg, **options.get(name, {}))
+                rs = bench_backend(name, path, file_cfg, **options.get(name, {}))
                 if labelled is not None:
                     acc = accuracy(name, path, *labelled, **options.get(name, {}))
                     rs = [{**r, "top1_accuracy": acc} for r in rs]
@@ -175,12 +180,27 @@ def bench_matrix(
     return records, skipped
 
 
+def _sizes_that_fit(path: str, sizes: tuple[int, ...], skipped: list[str]) -> tuple[int, ...]:
+    """The batch sizes a file takes (all but those a fixed batch dimension refuses, each
+    noted in ``skipped``); a file that cannot be read is left to the backends to report."""
+    try:
+        spec = read_info(path).spec
+    except UserError:
+        return sizes
+    for bs in sizes:
+        if not spec.takes(bs):
+            skipped.append(
+                f"batch {bs} on {Path(path).name} (its batch dimension is fixed at {spec.batch})"
+            )
+    return tuple(bs for bs in sizes if spec.takes(bs))
+
+
 def random_batch(rng: np.random.Generator, spec, n: int) -> np.ndarray:
     """``n`` random inputs in the file's input format (``spec``, an InputSpec): standard
     normal float32 [n, C, H, W], or uint8 pixels [n, H, W, C] for a uint8-input file."""
     if spec.dtype == "uint8":
         return rng.integers(0, 256, spec.shape(n), dtype=np.uint8)
-    return rng.standard_normal(spec.shape(n)).astype(np.float32)
+    return rng.standard_normal(spec.shape(n)).astype(spec.dtype)
 
 
 def accuracy(name: str, path: str, images: list, labels: list[int], **options) -> float:

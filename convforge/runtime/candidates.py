@@ -122,7 +122,8 @@ def candidates(files, batch_sizes, names=None) -> tuple[list[Candidate], list[st
             if not cls.runs(path):
                 skipped.append(f"{name} on {Path(path).name} (runs {', '.join(cls.suffixes)})")
                 continue
-            precision = read_info(path).precision
+            info = read_info(path)
+            precision = info.precision
             fp32 = precision == "fp32"
             if cls.fp32_only and not fp32:
                 skipped.append(
@@ -130,6 +131,11 @@ def candidates(files, batch_sizes, names=None) -> tuple[list[Candidate], list[st
                 )
                 continue
             for bs in batch_sizes:
+                if not info.spec.takes(bs):  # a fixed batch dimension: only its own size
+                    fixed = info.spec.batch
+                    note = f"batch {bs} on {Path(path).name} (its batch is fixed at {fixed})"
+                    skipped += [] if note in skipped else [note]
+                    continue
                 for opts in VARIANTS[name](bs, batch_sizes, fp32):
                     out.append(Candidate(name, str(path), bs, tuple(sorted(opts.items()))))
     return out, skipped

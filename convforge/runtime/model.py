@@ -57,15 +57,24 @@ class Model:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, K] logits for a preprocessed batch (as :meth:`preprocess` makes it),
-        run in chunks of ``batch_size``."""
-        if isinstance(batch, np.ndarray) and batch.ndim == 4 and len(batch) > self.batch_size:
-            return np.concatenate(
-                [
-                    self.backend.run(batch[i : i + self.batch_size])
-                    for i in range(0, len(batch), self.batch_size)
-                ]
-            )
-        return self.backend.run(batch)
+        run in chunks of ``batch_size``, or of the file's fixed batch size (the last chunk
+        padded with copies of its last image, their logits dropped)."""
+        fixed = self.info.spec.batch
+        chunk = fixed or self.batch_size
+        if (
+            not isinstance(batch, np.ndarray)
+            or batch.ndim != 4
+            or (len(batch) <= chunk and fixed in (None, len(batch)))
+        ):
+            return self.backend.run(batch)
+        out = []
+        for i in range(0, len(batch), chunk):
+            part = batch[i : i + chunk]
+            n = len(part)
+            if fixed and n < fixed:
+                part = np.concatenate([part, np.repeat(part[-1:], fixed - n, axis=0)])
+            out.append(self.backend.run(part)[:n])
+        return np.concatenate(out)
 
     def predict(self, images, topk: int = 5) -> list[list[Prediction]]:
         """For each image, its ``topk`` most probable classes, best first."""

@@ -107,8 +107,9 @@ def _decode(source, what: str, need) -> Image.Image:
 def preprocess(images, info: ModelInfo, workers: int | None = None) -> np.ndarray:
     """The model's input batch for ``images`` (a list of anything :func:`to_pil` takes).
 
-    float32 [N, C, H, W], normalized, for a float32-input file; uint8
-    [N, H, W, C] pixels for a file whose input format is uint8. ``workers``
+    Normalized float32 (or float16, as the graph's input is) for a float-input
+    file, uint8 pixels for a uint8-input one, each in the graph's layout: [N, C,
+    H, W] or [N, H, W, C] (a convforge uint8 export, or a file made elsewhere). ``workers``
     bounds the threads that decode a batch (default: the CPUs, at most
     :data:`MAX_WORKERS`; 1 decodes in this thread).
     """
@@ -118,20 +119,17 @@ def preprocess(images, info: ModelInfo, workers: int | None = None) -> np.ndarra
         raise UserError("no images given")
     spec = info.spec
     c, size, resize_size = spec.channels, spec.height, info.resize_size
-    raw = info.input_format == "uint8"
-    out = np.empty(spec.shape(len(images)), dtype=np.uint8 if raw else np.float32)
-    if not raw:
-        mean = np.asarray(info.mean, dtype=np.float32).reshape(c, 1, 1)
-        std = np.asarray(info.std, dtype=np.float32).reshape(c, 1, 1)
+    raw = spec.dtype == "uint8"
+    out = np.empty(spec.shape(len(images)), dtype=spec.dtype)
+    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, 1, c)
+    std = np.asarray(info.std, dtype=np.float32).reshape(1, 1, c)
 
     def one(i: int) -> None:
-        pixels = np.asarray(load_pixels(images[i], c, size, resize_size))
-        if raw:
-            out[i] = pixels.reshape(spec.sample_shape)  # (H, W) -> (H, W, 1) for grayscale
-        else:
-            x = pixels.astype(np.float32) / 255.0
-            x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-            out[i] = (x - mean) / std
+        x = np.asarray(load_pixels(images[i], c, size, resize_size)).reshape(size, size, c)
+        if not raw:
+            x = (x.astype(np.float32) / 255.0 - mean) / std
+        # (H, W, C) as decoded; an NCHW graph takes (C, H, W). The assignment casts (fp16).
+        out[i] = x.transpose(2, 0, 1) if spec.layout == "NCHW" else x
 
     workers = min(len(images), _cpus() if workers is None else workers, MAX_WORKERS)
     if workers <= 1:

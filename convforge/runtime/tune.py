@@ -170,12 +170,15 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
 
 def top1(backend, batch: np.ndarray, chunk: int) -> np.ndarray:
     """Argmax class of each row of ``batch`` run through a loaded ``backend`` in chunks
-    (a single-batch-size backend gets its last chunk padded to ``chunk``)."""
+    (of the file's fixed batch size if it has one; a single-batch-size backend or a fixed
+    batch gets its last chunk padded to the chunk size)."""
+    fixed = backend.spec.batch if backend.spec is not None else None
+    chunk = fixed or chunk
     out = []
     for i in range(0, len(batch), chunk):
         part = batch[i : i + chunk]
         n = len(part)
-        if backend.single_batch_size and n < chunk:
+        if (backend.single_batch_size or fixed) and n < chunk:
             part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
         out.append(backend.run(part)[:n].argmax(axis=1))
     return np.concatenate(out)

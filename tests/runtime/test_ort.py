@@ -117,10 +117,10 @@ def _has(provider: str) -> bool:
 
 
 def test_trt_provider_options(exported, tmp_path):
-    from convforge.contract import read_info
+    from convforge.runtime.backends.ort import _read_info
 
     backend = OrtTensorRT(exported[0], min_batch=1, opt_batch=4, max_batch=8, cache_dir=tmp_path)
-    backend._check_file(read_info(exported[0]))  # what load() does before the session
+    backend._check_file(_read_info(backend))  # what load() does before the session
     opts = backend.provider_options()
     assert opts["trt_profile_min_shapes"] == "input:1x3x16x16"
     assert opts["trt_profile_opt_shapes"] == "input:4x3x16x16"
@@ -152,13 +152,13 @@ def _reweighted(path, folder):
 def test_trt_engine_cache_is_keyed_by_file_content(exported, tmp_path):
     """ONNX Runtime names cached engines from node and tensor names, never weights: two
     exports of one architecture must not share an engine folder."""
-    from convforge.contract import read_info
+    from convforge.runtime.backends.ort import _read_info
 
     retrained = _reweighted(exported[0], tmp_path)
     folders = []
     for path in (exported[0], retrained):
         backend = OrtTensorRT(path, cache_dir=str(tmp_path / "cache"))
-        backend._check_file(read_info(path))
+        backend._check_file(_read_info(backend))
         folders.append(backend.provider_options()["trt_engine_cache_path"])
     assert folders[0] != folders[1]
     assert all(f.startswith(str(tmp_path / "cache")) for f in folders)

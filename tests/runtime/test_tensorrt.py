@@ -100,11 +100,11 @@ def test_binding_results_are_checked():
     with pytest.raises(RuntimeError, match="TensorRT refused the address of tensor 'logits'"):
         bind(_Context(False), "logits", 0x7F0000000000)
     with pytest.raises(UserError, match=r"TensorRT rejected input shape \[4, 3, 16, 16\]"):
-        set_shape(_Context(False), (4, 3, 16, 16))
+        set_shape(_Context(False), "input", (4, 3, 16, 16))
     context = _Context(True)
-    bind(context, "input", 0x7F0000000100)
-    set_shape(context, (4, 3, 16, 16))
-    assert context.calls == [("input", 0x7F0000000100), ("input", (4, 3, 16, 16))]
+    bind(context, "input.1", 0x7F0000000100)
+    set_shape(context, "input.1", (4, 3, 16, 16))  # the graph's own input name
+    assert context.calls == [("input.1", 0x7F0000000100), ("input.1", (4, 3, 16, 16))]
 
 
 def test_addresses_are_checked_for_256_byte_alignment_before_binding():

@@ -71,8 +71,8 @@ class Backend:
         """The numpy dtypes :meth:`run` takes (float32; a half-precision engine may take
         float16 too, halving the host-to-device copy; a file whose input format is uint8
         takes uint8 pixels only)."""
-        if self.spec is not None and self.spec.dtype == "uint8":
-            return (np.uint8,)
+        if self.spec is not None and self.spec.dtype in ("uint8", "float16"):
+            return (np.dtype(self.spec.dtype).type,)  # the graph's own input type
         return (np.float32,)
 
     @property
@@ -177,6 +177,10 @@ def check_batch(batch, spec: InputSpec, dtypes=(np.float32,)) -> None:
     h, w, c = batch.shape[1:] if spec.layout == "NHWC" else (*batch.shape[2:], batch.shape[1])
     if n == 0:
         raise UserError("input batch is empty")
+    if not spec.takes(n):
+        raise UserError(
+            f"model takes batches of exactly {spec.batch} (its batch dimension is fixed), got {n}"
+        )
     if c != spec.channels:
         raise UserError(f"model takes {spec.channels}-channel images {expected}, got {c} channels")
     if (h, w) != (spec.height, spec.width):

@@ -73,11 +73,13 @@ class OpenVino(Backend):
         try:
             compiled = core.compile_model(self.path, "CPU", config)
         except RuntimeError as e:
-            raise UserError(
-                f"OpenVINO could not compile {self.path}: {str(e).strip().splitlines()[0]}"
-            ) from None
+            raise UserError(f"OpenVINO could not compile {self.path}: {_first_line(e)}") from None
         self._compiled = compiled
         self._request = compiled.create_infer_request()
+        self._input, self._output = (
+            compiled.input(info.input_name),
+            compiled.output(info.output_name),
+        )
         ran = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.precision = _PRECISION_NAMES.get(ran, ran)
         if info.precision == "int8":
@@ -94,8 +96,11 @@ class OpenVino(Backend):
         return info.spec
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        self._request.infer({0: batch})
-        out = self._request.get_output_tensor(0).data
+        try:
+            self._request.infer({self._input: batch})
+        except RuntimeError as e:  # the engine's own check: one line, never a traceback
+            raise UserError(f"OpenVINO could not run {self.path}: {_first_line(e)}") from None
+        out = self._request.get_tensor(self._output).data
         return np.array(out, dtype=np.float32, copy=True)
 
     def _close(self) -> None:
@@ -119,3 +124,10 @@ def _int_property(compiled, key: str) -> int | None:
         return int(compiled.get_property(key))
     except (RuntimeError, TypeError, ValueError):
         return None
+
+
+def _first_line(e: Exception) -> str:
+    """The engine message's first line that says something (OpenVINO starts with where)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    return (useful or lines or [type(e).__name__])[0]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import INPUT_NAME, read_info, sha256_of
+from convforge.contract import read_info, sha256_of
 from convforge.errors import UserError
 from convforge.extras import install_hint
 from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
@@ -101,6 +101,7 @@ def physical_cores() -> tuple[int, str]:
 def _read_info(backend: Backend):
     info = read_info(backend.path)
     backend.precision = info.precision
+    backend.info = info  # input and output names come from the graph
     return info
 
 
@@ -122,8 +123,10 @@ def _session(backend: Backend, sess_options, providers, required: str | None):
             "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs"
         )
     names = [i.name for i in session.get_inputs()]
-    if INPUT_NAME not in names:
-        raise UserError(f"{backend.path}: expected an input named {INPUT_NAME!r}, got {names}")
+    if backend.info.input_name not in names:  # read_info and ORT disagree: say so, in one line
+        raise UserError(
+            f"{backend.path}: expected an input named {backend.info.input_name!r}, got {names}"
+        )
     return session
 
 
@@ -180,11 +183,11 @@ class OrtCpu(Backend):
     def _load(self) -> InputSpec:
         info = _read_info(self)
         self.session = _session(self, self.session_options(), ["CPUExecutionProvider"], None)
-        self._output = self.session.get_outputs()[0].name
+        self._output = info.output_name
         return info.spec
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run([self._output], {INPUT_NAME: batch})
+        (out,) = self.session.run([self._output], {self.info.input_name: batch})
         return np.asarray(out, dtype=np.float32)
 
     def _close(self) -> None:
@@ -251,7 +254,7 @@ class _OrtGpu(Backend, DeviceResident):
     def _load(self) -> InputSpec:
         spec = self._check_file(_read_info(self))
         self.session = _session(self, self._session_options(), self._providers(), self.provider)
-        out = self.session.get_outputs()[0]
+        out = next(o for o in self.session.get_outputs() if o.name == self.info.output_name)
         self._output = out.name
         k = out.shape[1] if len(out.shape) == 2 else None
         self._classes = k if isinstance(k, int) and k > 0 else None
@@ -291,7 +294,7 @@ class _OrtGpu(Backend, DeviceResident):
         if self._staged != n:
             self._binding.clear_binding_inputs()
             self._binding.clear_binding_outputs()
-            self._binding.bind_ortvalue_input(INPUT_NAME, x)
+            self._binding.bind_ortvalue_input(self.info.input_name, x)
             if y is not None:
                 self._binding.bind_ortvalue_output(self._output, y)
             else:  # K unknown statically: ORT allocates on the GPU
@@ -435,7 +438,7 @@ class OrtTensorRT(_OrtGpu):
             raise RuntimeError(f"{self.name}: provider options need the input spec (load first)")
 
         def shape(n: int) -> str:  # in the file's layout (NHWC for a uint8-input file)
-            return f"{INPUT_NAME}:" + "x".join(map(str, self.spec.shape(n)))
+            return f"{self.info.input_name}:" + "x".join(map(str, self.spec.shape(n)))
 
         return {
             "device_id": str(self.device_id),

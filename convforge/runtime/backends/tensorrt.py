@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import INPUT_NAME, ModelInfo, read_info
+from convforge.contract import ModelInfo, read_info
 from convforge.errors import UserError
 from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
 from convforge.runtime.backends.cuda_runtime import (
@@ -141,9 +141,9 @@ def bind(context, name: str, address: int) -> None:
         raise RuntimeError(f"TensorRT refused the address of tensor {name!r} (see its log)")
 
 
-def set_shape(context, shape: tuple[int, ...]) -> None:
-    """``set_input_shape`` for the model input; UserError if TensorRT rejects the shape."""
-    if not context.set_input_shape(INPUT_NAME, tuple(int(d) for d in shape)):
+def set_shape(context, name: str, shape: tuple[int, ...]) -> None:
+    """``set_input_shape`` for the model input ``name``; UserError if TensorRT rejects it."""
+    if not context.set_input_shape(name, tuple(int(d) for d in shape)):
         raise UserError(f"TensorRT rejected input shape {list(shape)} (see its log)")
 
 
@@ -227,6 +227,7 @@ class TensorRT(Backend, DeviceResident):
         from convforge.files import atomic_write, ensure_dir
 
         info = read_info(self.path)
+        self._input_name = info.input_name  # from the graph (torch's default is input.1)
         refuse_asymmetric_int8(self.name, info)
         tf32 = self.options.tf32 and info.precision == "fp32"
         self.precision = "tf32" if tf32 else info.precision
@@ -266,14 +267,14 @@ class TensorRT(Backend, DeviceResident):
             )
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if INPUT_NAME not in names or len(outputs) != 1:
+        if self._input_name not in names or len(outputs) != 1:
             raise UserError(
-                f"{self.path}: expected input {INPUT_NAME!r} and one output, got {names}"
+                f"{self.path}: expected input {self._input_name!r} and one output, got {names}"
             )
         self._engine = engine
         self._output_name = outputs[0]
         self._dtypes = tuple(
-            np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in (INPUT_NAME, outputs[0])
+            np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in (self._input_name, outputs[0])
         )
         self._context = engine.create_execution_context()
         if self._context is None:
@@ -292,8 +293,8 @@ class TensorRT(Backend, DeviceResident):
             errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
             raise UserError(f"TensorRT cannot parse {self.path}: {errors or 'unknown error'}")
         names = [network.get_input(i).name for i in range(network.num_inputs)]
-        if INPUT_NAME not in names:
-            raise UserError(f"{self.path}: no input named {INPUT_NAME!r} (inputs: {names})")
+        if self._input_name not in names:
+            raise UserError(f"{self.path}: no input named {self._input_name!r} (inputs: {names})")
 
         config = builder.create_builder_config()
         if not self.options.tf32:
@@ -302,7 +303,7 @@ class TensorRT(Backend, DeviceResident):
             config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
         lo, opt, hi = self.profile  # per-image shape in the file's layout (NHWC for uint8)
-        profile.set_shape(INPUT_NAME, spec.shape(lo), spec.shape(opt), spec.shape(hi))
+        profile.set_shape(self._input_name, spec.shape(lo), spec.shape(opt), spec.shape(hi))
         config.add_optimization_profile(profile)
 
         # timing caches are per device and TensorRT version (ignore_mismatch=False checks it)
@@ -332,7 +333,7 @@ class TensorRT(Backend, DeviceResident):
         (allocated on first use with cudaMalloc, which aligns to 256 bytes or more)."""
         rt, ctx = self._rt, self._context
         if n not in self._buffers:
-            set_shape(ctx, self.spec.shape(n))
+            set_shape(ctx, self._input_name, self.spec.shape(n))
             out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
             in_dtype, out_dtype = self._dtypes
             in_bytes = int(np.prod(self.spec.shape(n))) * in_dtype.itemsize
@@ -347,8 +348,8 @@ class TensorRT(Backend, DeviceResident):
             self._bound = None
         x, y, out_shape = self._buffers[n]
         if self._bound != n:
-            set_shape(ctx, self.spec.shape(n))
-            bind(ctx, INPUT_NAME, x)
+            set_shape(ctx, self._input_name, self.spec.shape(n))
+            bind(ctx, self._input_name, x)
             bind(ctx, self._output_name, y)
             self._bound = n
         return x, y, out_shape
@@ -412,11 +413,11 @@ class TensorRT(Backend, DeviceResident):
         n = int(batch.shape[0])
         self._check_batch_size(n)
         ctx = self._context
-        set_shape(ctx, tuple(batch.shape))
+        set_shape(ctx, self._input_name, tuple(batch.shape))
         out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
         out_dtype = getattr(torch, self._dtypes[1].name)
         out = torch.empty(out_shape, dtype=out_dtype, device=batch.device)
-        bind(ctx, INPUT_NAME, batch.data_ptr())
+        bind(ctx, self._input_name, batch.data_ptr())
         bind(ctx, self._output_name, out.data_ptr())
         self._bound = None  # the context now points at the caller's memory
         torch.cuda.current_stream(batch.device).synchronize()  # the input is written

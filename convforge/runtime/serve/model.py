@@ -19,6 +19,7 @@ what was wrong.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 
@@ -68,7 +69,11 @@ class ServedModel(kserve.Model):
         options = self.options if self.backend_name != "auto" else {}
         for _ in range(self.batching.instances - 1):
             self.backends.append(backends.create(first.name, self.path, **options).load())
-        pad_to = self.batching.max_batch_size if first.single_batch_size else None
+        fixed = self.info.spec.batch  # a graph with a fixed batch size runs exactly that many
+        if fixed is not None and self.batching.max_batch_size != fixed:
+            self.batching = dataclasses.replace(self.batching, max_batch_size=fixed)
+        single = first.single_batch_size or fixed is not None
+        pad_to = self.batching.max_batch_size if single else None
         for backend in self.backends:
             for n in sorted({pad_to or 1, pad_to or self.batching.max_batch_size}):
                 logits = backend.run(np.zeros(self.info.spec.shape(n), self.info.spec.dtype))
