@@ -71,7 +71,12 @@ KEYS = {
     "trained on and how its validation split was drawn (what tune checks accuracy on)",
     "input_format": "float32 (normalized [N, C, H, W], the default when absent) or uint8 "
     "(pixels 0-255 [N, H, W, C]; /255, mean and std inside the graph)",
+    "layout": "NCHW or NHWC: the input's layout, for a file made elsewhere "
+    "(`convforge annotate`); wins over the one input_format implies",
+    "output": "the graph output holding the class scores, for a file made elsewhere with "
+    "several outputs (`convforge annotate --output`)",
 }
+LAYOUTS = ("NCHW", "NHWC")
 
 
 def encode(values: Mapping[str, object]) -> dict[str, str]:
@@ -390,9 +395,15 @@ def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None, tuple[str,
     graph_input = (named or inputs)[0]
     tensor = graph_input.type.tensor_type
     outputs = [o.name for o in model.graph.output]
-    output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
-    dims = [d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim]
     meta = decode(read_props(model))
+    # str(): decode() reads a numeric name such as torch's "191" back as a number
+    output = str(meta["output"]) if "output" in meta else None
+    output = output or (OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0])
+    if output not in outputs:
+        raise UserError(
+            f"{path}: its metadata names output {output!r}; the graph's: {', '.join(outputs)}"
+        )
+    dims = [d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim]
     dtype = INPUT_DTYPES.get(tensor.elem_type)
     if dtype is None:
         raise UserError(
@@ -411,8 +422,8 @@ def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None, tuple[str,
 
 
 def _layout(path: Path, meta: dict, dtype: str, dims: list) -> str:
-    """The input's layout: the file's input_format metadata (checked against the graph's
-    type), or, for a file made elsewhere, the one its shape suggests."""
+    """The input's layout: the file's ``layout`` metadata, else the one its input_format
+    implies (checked against the graph's type), else the one its shape suggests."""
     fmt = meta.get("input_format")
     if fmt is not None:
         if fmt not in INPUT_FORMATS:
@@ -424,6 +435,12 @@ def _layout(path: Path, meta: dict, dtype: str, dims: list) -> str:
                 f"{path}: its metadata says input_format {fmt}, but the graph input is "
                 f"{'uint8' if dtype == 'uint8' else 'not uint8'}"
             )
+    layout = meta.get("layout")
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise UserError(f"{path}: unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
+        return layout
+    if fmt is not None:
         return INPUT_FORMATS[fmt][1]
     if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
         return "NHWC"

@@ -45,6 +45,7 @@ COMMANDS = {
     "augment-preview": Command("builder", "PNG grid of augmented training samples", TRAIN),
     "export": Command("export", "checkpoint -> BatchNorm-folded, validated ONNX", EXPORT),
     "inspect": Command("export", "what an ONNX file holds"),
+    "annotate": Command("export", "write labels and preprocessing into a foreign ONNX file"),
     "predict": Command("runtime", "top-k classes of images with an exported model"),
     "bench": Command("runtime", "latency/throughput per backend x precision x batch size"),
     "backends": Command("runtime", "each backend's options, and whether it runs here"),

@@ -61,4 +61,64 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-PARSERS = {"export": export_parser, "inspect": inspect_parser}
+def annotate_parser(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Write convforge metadata (labels, mean/std, resize, layout, the output to read) into "
+        "an ONNX file made elsewhere, so predict, serve, bench and tune run it with the right "
+        "preprocessing and labels. Nothing else in the file changes; the written file is "
+        "checked to give the same logits as the original before it is saved. Values not "
+        "given are the defaults a file without metadata runs with (ImageNet mean/std, "
+        "resize to input / 0.875), written out."
+    )
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("-o", "--out", required=True, help="the annotated .onnx to write")
+    p.add_argument("--labels", help="a text file, one class name per line, in logit order")
+    p.add_argument("--mean", type=_floats, help="per-channel mean of [0, 1] pixels, e.g. "
+                   "0.485,0.456,0.406")  # fmt: skip
+    p.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
+    p.add_argument("--resize", type=int, help="resize the shorter side to this, then crop")
+    p.add_argument("--output", help="the graph output holding the class scores (default: "
+                   "'logits' if present, else the first)")  # fmt: skip
+    p.add_argument("--layout", choices=("NCHW", "NHWC"), help="the input's layout (default: "
+                   "inferred from its shape)")  # fmt: skip
+    add_json(p)
+    p.set_defaults(func=cmd_annotate)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers, got {text!r}") from None
+
+
+def cmd_annotate(args) -> int:
+    from pathlib import Path
+
+    from convforge import extras
+    from convforge.errors import UserError
+    from convforge.runtime.annotate import annotate
+
+    extras.require_engine("convforge annotate")
+    labels = None
+    if args.labels:
+        try:
+            labels = Path(args.labels).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read labels file {args.labels}: {e}") from None
+    done = annotate(args.model, args.out, labels=labels, mean=args.mean, std=args.std,
+                    resize=args.resize, output=args.output, layout=args.layout)  # fmt: skip
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    meta, checked = done["metadata"], done["checked"]
+    classes = f"{len(meta['classes'])} labels" if "classes" in meta else "index labels"
+    print(
+        f"wrote {done['path']}: {classes}, mean {meta['mean']}, std {meta['std']}, resize "
+        f"{meta['resize_size']} + crop {meta['input_size']}, {meta['layout']}, output "
+        f"{meta['output']!r}; logits identical to {args.model} on {checked['backend']}"
+    )
+    return 0
+
+
+PARSERS = {"export": export_parser, "inspect": inspect_parser, "annotate": annotate_parser}

@@ -1,0 +1,147 @@
+"""``convforge annotate``: write convforge metadata into an ONNX file made elsewhere.
+
+    annotate("r18.onnx", "r18.cf.onnx", labels=["tench", ...], mean=[...], std=[...], resize=256)
+
+From then on the file serves with its labels and preprocessing like one of
+convforge's exports (:func:`convforge.contract.read_info` finds everything in
+it). Only ``metadata_props`` change: the graph, its weights and its names are
+copied as they are, and the written file is checked to give the same logits
+as the original on one random batch, with the same backend, before it
+replaces anything (written atomically). Whatever is not given is the default
+a file without metadata gets (ImageNet statistics, resize to input / 0.875),
+written out, so the file says what it runs with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from convforge import __version__, contract
+from convforge.errors import UserError, check_int
+from convforge.files import atomic_write
+
+
+def annotate(
+    source,
+    out,
+    *,
+    labels: list[str] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    resize: int | None = None,
+    output: str | None = None,
+    layout: str | None = None,
+    backend: str = "auto",
+) -> dict:
+    """Write ``source`` with convforge metadata to ``out``; return what was written and how
+    it was checked. UserError for a value that does not fit the graph (labels count,
+    channel count, an output or layout it does not have)."""
+    source, out = Path(source), Path(out)
+    model = contract.load_onnx(source)
+    outputs = [o.name for o in model.graph.output]
+    if output is not None and output not in outputs:
+        raise UserError(f"--output {output!r} is not an output of {source}; it has: "
+                        f"{', '.join(outputs)}")  # fmt: skip
+    if layout is not None and layout not in contract.LAYOUTS:
+        raise UserError(f"--layout {layout!r}; accepted: {', '.join(contract.LAYOUTS)}")
+    # The original with the layout and output asked for: what it computes, read as asked.
+    contract.write_props(model, contract.encode({
+        k: v for k, v in (("layout", layout), ("output", output)) if v is not None
+    }))  # fmt: skip
+    with _scratch(model, out, "reference") as reference:
+        return _annotate(source, out, model, reference, labels, mean, std, resize, backend)
+
+
+def _annotate(source, out, model, reference, labels, mean, std, resize, backend) -> dict:
+    info = contract.read_info(reference)
+    spec = info.spec
+    if spec.height != spec.width:
+        raise UserError(f"{source}: input is {spec.height}x{spec.width}; annotate takes square")
+    values = {
+        "version": __version__,
+        "arch": info.arch if info.arch != "unknown" else source.stem,
+        "mean": _per_channel("--mean", mean, info.mean, spec.channels),
+        "std": _per_channel("--std", std, info.std, spec.channels),
+        "input_size": spec.height,
+        "resize_size": check_int("--resize", resize) if resize is not None else info.resize_size,
+        "channels": spec.channels,
+        "layout": spec.layout,
+        "output": info.output_name,
+    }
+    if spec.dtype == "uint8":
+        values["input_format"] = "uint8"
+    if values["resize_size"] < spec.height:
+        raise UserError(f"--resize {values['resize_size']} is below the input size {spec.height}")
+    if any(s <= 0 for s in values["std"]):
+        raise UserError(f"--std must be positive, got {values['std']}")
+    if labels is not None:
+        values["classes"] = _labels(labels, model, info.output_name)
+    contract.write_props(model, contract.encode(values))
+    with _scratch(model, out, "annotated") as path:  # checked before ``out`` is replaced
+        checked = _same_logits(source, reference, path, backend)
+    with atomic_write(out) as f:
+        f.write(model.SerializeToString())
+    return {"path": str(out), "metadata": values, "checked": checked}
+
+
+@contextlib.contextmanager
+def _scratch(model, out: Path, tag: str):
+    """``model`` written to a scratch .onnx beside ``out``, removed afterwards."""
+    scratch = out.with_name(f".{out.stem}.{os.getpid()}.{tag}.onnx")
+    try:
+        scratch.write_bytes(model.SerializeToString())
+    except OSError as e:
+        raise UserError(f"cannot write beside {out}: {e}") from None
+    try:
+        yield scratch
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _per_channel(flag: str, given, default: list[float], channels: int) -> list[float]:
+    if given is None:
+        return list(default)
+    if len(given) != channels:
+        raise UserError(f"{flag} takes {channels} value(s), one per channel; got {len(given)}")
+    return [float(v) for v in given]
+
+
+def _labels(labels: list[str], model, output: str) -> list[str]:
+    labels = [label.strip() for label in labels if label.strip()]
+    value = next(o for o in model.graph.output if o.name == output)
+    dims = value.type.tensor_type.shape.dim
+    k = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value > 0 else None
+    if k is not None and len(labels) != k:
+        raise UserError(f"{len(labels)} labels for output {output!r} of {k} scores")
+    if not labels:
+        raise UserError("the labels file holds no labels (one per line)")
+    return labels
+
+
+def _same_logits(source: Path, reference: Path, written: Path, backend: str) -> dict:
+    """Run ``reference`` (the source, its output and layout as asked) and ``written`` on one
+    random batch with the same backend; UserError unless the logits are equal."""
+    from convforge.runtime import backends
+    from convforge.runtime.bench import random_batch
+
+    first, _ = backends.load_backend(backend, str(reference))
+    try:
+        batch = random_batch(np.random.default_rng(0), first.spec, first.spec.batch or 2)
+        want = first.run(batch)
+    finally:
+        first.close()
+    second = backends.create(first.name, str(written)).load()
+    try:
+        got = second.run(batch)
+    finally:
+        second.close()
+    if not np.array_equal(got, want):
+        raise UserError(
+            f"the annotated file gives other logits than {source} (max diff "
+            f"{np.abs(got - want).max():.3g} on {first.name}); nothing was written"
+        )
+    return {"backend": first.name, "batch": list(batch.shape), "identical": True}

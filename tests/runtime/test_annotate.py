@@ -1,0 +1,129 @@
+"""`convforge annotate`: metadata into a foreign file, nothing else changed, logits checked."""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from convforge.cli import main
+from convforge.contract import read_info, read_props
+from convforge.errors import UserError
+from convforge.runtime import backends, load
+from convforge.runtime.annotate import annotate
+
+
+@pytest.fixture
+def two_outputs(tmp_path):
+    """[N, 3, 8, 8] float -> 'aux' (pooled, first) and 'scores' [N, 3]: the mean of each
+    channel. No convforge metadata, and the class scores are not the first output."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["aux"]),
+        helper.make_node("Flatten", ["aux"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["n", 3, 1, 1]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "foreign.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_defaults():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def test_annotate_round_trips(two_outputs, tmp_path):
+    out = tmp_path / "annotated.onnx"
+    done = annotate(two_outputs, out, labels=["red", "green", "blue", ""], output="scores",
+                    mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], resize=10)  # fmt: skip
+    assert done["checked"]["identical"]
+    info = read_info(out)
+    assert info.defaults == () and info.output_name == "scores"
+    assert info.classes == ["red", "green", "blue"]
+    assert (info.mean, info.std, info.resize_size) == ([0.5] * 3, [0.25] * 3, 10)
+    assert info.spec.layout == "NCHW"
+    # Only metadata_props changed: graph, weights, names and opsets are the original's.
+    before, after = onnx.load(two_outputs), onnx.load(out)
+    assert after.graph == before.graph and after.opset_import == before.opset_import
+    assert set(read_props(after)) > set(read_props(before))
+    # It now serves with its labels: blue pixels score highest on 'blue'.
+    pixels = np.zeros((12, 12, 3), np.uint8)
+    pixels[..., 2] = 255
+    name = "ort-cpu" if backends.backend_class("ort-cpu").available()[0] else "auto"
+    with load(out, backend=name) as m:
+        assert m.predict([pixels], topk=1)[0][0].label == "blue"
+
+
+def test_without_options_the_defaults_are_written_out(two_outputs, tmp_path):
+    annotate(two_outputs, tmp_path / "a.onnx")
+    info = read_info(tmp_path / "a.onnx")
+    assert info.defaults == () and info.mean == [0.485, 0.456, 0.406] and info.resize_size == 9
+    assert info.output_name == "aux" and info.classes == []  # the first output, index labels
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labels": ["a", "b"], "output": "scores"}, "2 labels for output 'scores' of 3 scores"),
+        ({"output": "boxes"}, "--output 'boxes' is not an output of"),
+        ({"mean": [0.5]}, "--mean takes 3 value(s), one per channel; got 1"),
+        ({"std": [1, 0, 1]}, "--std must be positive"),
+        ({"resize": 4}, "--resize 4 is below the input size 8"),
+        ({"layout": "CHWN"}, "--layout 'CHWN'; accepted: NCHW, NHWC"),
+    ],
+)
+def test_values_that_do_not_fit_are_refused(two_outputs, tmp_path, kwargs, message):
+    with pytest.raises(UserError) as e:
+        annotate(two_outputs, tmp_path / "a.onnx", **kwargs)
+    assert message in str(e.value)
+    assert not (tmp_path / "a.onnx").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_other_logits_refuse_the_file(two_outputs, tmp_path, monkeypatch):
+    """The check is real: a written file that computed anything else is not saved."""
+    real = backends.create
+
+    class Shifted:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def load(self):
+            self.backend.load()
+            return self
+
+        def run(self, batch):
+            return self.backend.run(batch) + 1e-3
+
+        def close(self):
+            self.backend.close()
+
+    monkeypatch.setattr(backends, "create", lambda name, path, **o: Shifted(real(name, path, **o)))
+    with pytest.raises(UserError, match="gives other logits than .*nothing was written"):
+        annotate(two_outputs, tmp_path / "a.onnx")
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_cli(two_outputs, tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\nblue\n")
+    out = tmp_path / "a.onnx"
+    argv = ["annotate", str(two_outputs), "-o", str(out), "--labels", str(labels),
+            "--output", "scores", "--mean", "0.4,0.4,0.4", "--std", "0.2,0.2,0.2"]  # fmt: skip
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}: 3 labels, mean [0.4, 0.4, 0.4]" in said and "logits identical" in said
+    assert main([*argv[:5], str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read labels file" in capsys.readouterr().err
+    assert main([*argv[:-4], "--mean", "a,b"]) == 2
+    assert "takes comma-separated numbers, got 'a,b'" in capsys.readouterr().err
