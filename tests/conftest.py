@@ -6,3 +6,14 @@ import torch
 def _seed():
     """Every test starts from the same RNG state, so its numbers are reproducible."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def quiet_defaults():
+    """Files made elsewhere warn that they run with default preprocessing: expected in the
+    tests that use them (``pytestmark = pytest.mark.usefixtures("quiet_defaults")``)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -71,3 +71,14 @@ def photo_jpeg(path, width, height, seed=0):
     noisy = np.asarray(image, np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
     return str(path)
+
+
+def skip_unless_available(name: str) -> None:
+    """Skip the calling test, with the backend's own reason, when ``name`` cannot run here."""
+    import pytest
+
+    from convforge.runtime.backends import backend_class
+
+    ok, why = backend_class(name).available()
+    if not ok:
+        pytest.skip(f"{name} cannot run here: {why}")

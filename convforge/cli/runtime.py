@@ -91,9 +91,16 @@ def bench_parser(p: argparse.ArgumentParser) -> None:
         "Benchmark exported models: per backend and batch size, load time and "
         "first inference apart, warm-up, then timed runs; latency mean/std/min/p50/p90/p95/"
         "p99/max and images/s, end to end (and compute-only where inputs can stay on the "
-        f"GPU). Exits 1 when --compare finds a regression. {OPTIONS_HINT}"
+        f"GPU). Exits 1 when --compare finds a regression. A file that is not an image "
+        f"classifier (detection, segmentation, several inputs) is timed on random inputs of "
+        f"its declared types and shapes, dynamic dims set by --shapes. {OPTIONS_HINT}"
     )
-    p.add_argument("models", nargs="+", help="exported .onnx files (e.g. fp32, fp16, int8)")
+    p.add_argument("models", nargs="+", help=".onnx files (e.g. fp32, fp16, int8), any model")
+    p.add_argument(
+        "--shapes",
+        help="input shapes of a model that is not an image classifier, trtexec's syntax: "
+        "NAME:1x3x640x640,NAME2:1x10 (needed for its dynamic dims)",
+    )
     p.add_argument(
         "--backends",
         default="available",
@@ -127,6 +134,7 @@ def bench_parser(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args) -> int:
     from convforge.runtime import bench
+    from convforge.runtime.any_graph import parse_shapes
     from convforge.runtime.backends import BACKENDS
 
     if args.plot:
@@ -140,7 +148,10 @@ def cmd_bench(args) -> int:
     if args.plan:
         records, skipped = bench_with_plan(args, cfg, labelled), []
     else:
-        records, skipped = bench.bench_matrix(args.models, names, cfg, options, labelled)
+        shapes = parse_shapes(args.shapes)
+        records, skipped = bench.bench_matrix(
+            args.models, names, cfg, options, labelled, shapes=shapes
+        )
     env = bench.environment()
     regressions = []
     if args.compare:
@@ -158,7 +169,11 @@ def cmd_bench(args) -> int:
     print(bench.format_table(records))
     if labelled is not None:
         for r in records:
-            if r["timing"] == "end-to-end" and r["batch_size"] == cfg.batch_sizes[0]:
+            if (
+                "top1_accuracy" in r
+                and r["timing"] == "end-to-end"
+                and (r["batch_size"] == cfg.batch_sizes[0])
+            ):
                 print(f"top-1 accuracy {r['backend']} {r['precision']}: {r['top1_accuracy']:.2%}")
     gpu = f", {env['gpu']}" if "gpu" in env else ""
     print(f"\n{env['cpu']}, {env['logical_cores']} logical cores{gpu}")

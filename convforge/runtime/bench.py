@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -138,13 +139,17 @@ def bench_matrix(
     options: dict[str, dict] | None = None,
     labelled: tuple[list, list[int]] | None = None,
     skip_failures: bool = False,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[list[dict], list[str]]:
     """Records for every model file x backend x batch size, and what was skipped, why.
 
     ``names``: the backends to run; each must run every file (a failure is
     raised, unless ``skip_failures``: then it is skipped with the reason, as
     the pipeline's report lists). ``None``: every backend available here; one
-    that cannot run a file is skipped with the reason. ``options[name]`` go to backend ``name``
+    that cannot run a file is skipped with the reason. A file that is not an
+    image classifier (several inputs, outputs of any shape) is timed on random
+    inputs of its declared types with :func:`bench_graph` (``shapes`` sets its
+    dynamic dims; no accuracy, no batch sizes). ``options[name]`` go to backend ``name``
     for the timing and the accuracy alike. ``labelled`` (raw images, labels)
     adds each record's ``top1_accuracy``. UserError when nothing ran.
     """
@@ -159,16 +164,24 @@ def bench_matrix(
             (names.append(name) if ok else skipped.append(f"{name} ({why})"))
     records = []
     for path in models:
-        sizes = _sizes_that_fit(path, cfg.batch_sizes, skipped)
-        if not sizes:
-            continue
-        file_cfg = dataclasses.replace(cfg, batch_sizes=sizes)
+        why = _not_a_classifier(path)
+        if why is None:
+            sizes = _sizes_that_fit(path, cfg.batch_sizes, skipped)
+            if not sizes:
+                continue
+            run = functools.partial(_bench_classifier, path=path, labelled=labelled,
+                                    cfg=dataclasses.replace(cfg, batch_sizes=sizes))  # fmt: skip
+        else:
+            from convforge.runtime.any_graph import graph_inputs, random_feeds
+
+            # A shape mistake is the user's, not a backend's: said once, before any runs.
+            random_feeds(graph_inputs(path), shapes or {}, np.random.default_rng(0), path)
+            run = functools.partial(bench_graph, path=path, cfg=cfg, shapes=shapes or {})
+            if labelled is not None:
+                skipped.append(f"accuracy on {Path(path).name} (not an image classifier: {why})")
         for name in names:
             try:
-                rs = bench_backend(name, path, file_cfg, **options.get(name, {}))
-                if labelled is not None:
-                    acc = accuracy(name, path, *labelled, **options.get(name, {}))
-                    rs = [{**r, "top1_accuracy": acc} for r in rs]
+                rs = run(name, **options.get(name, {}))
             except UserError as e:
                 if explicit and not skip_failures:
                     raise
@@ -178,6 +191,57 @@ def bench_matrix(
     if not records:
         raise UserError("no backend could run: " + "; ".join(skipped))
     return records, skipped
+
+
+def _bench_classifier(name: str, path: str, cfg: BenchConfig, labelled, **options) -> list[dict]:
+    """bench_backend's records, each with its top-1 on ``labelled`` when given."""
+    records = bench_backend(name, path, cfg, **options)
+    if labelled is None:
+        return records
+    acc = accuracy(name, path, *labelled, **options)
+    return [{**r, "top1_accuracy": acc} for r in records]
+
+
+def bench_graph(name: str, path: str, cfg: BenchConfig, shapes: dict, **options) -> list[dict]:
+    """One record: backend ``name`` on any ONNX graph, fed random inputs of its declared
+    types and shapes (:mod:`convforge.runtime.any_graph`; ``shapes`` sets dynamic dims).
+    ``batch_size`` is the first dimension of the first input."""
+    from convforge.runtime.any_graph import graph_inputs, random_feeds
+
+    feeds = random_feeds(graph_inputs(path), shapes, np.random.default_rng(cfg.seed), path)
+    backend = backends.create(name, path, **options)
+    t = time.perf_counter()
+    backend.load_graph()
+    load_s = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        backend.run_feeds(feeds)
+        first_ms = (time.perf_counter() - t) * 1e3
+        samples = timed(lambda: backend.run_feeds(feeds), cfg)
+        bs = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        return [{
+            **backend.describe(),
+            "batch_size": bs,
+            "inputs": {k: list(v.shape) for k, v in feeds.items()},
+            "load_s": round(load_s, 3),
+            "first_inference_ms": round(first_ms, 3),
+            "timing": "end-to-end",
+            **latency_stats(samples, bs),
+        }]  # fmt: skip
+    finally:
+        backend.close()
+
+
+def _not_a_classifier(path: str) -> str | None:
+    """Why ``path`` is not an image classifier convforge can feed images, or None if it is
+    (or cannot be read: the backends then say why)."""
+    if not Path(path).is_file() or Path(path).suffix != ".onnx":
+        return None
+    try:
+        read_info(path)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def _sizes_that_fit(path: str, sizes: tuple[int, ...], skipped: list[str]) -> tuple[int, ...]:

@@ -30,8 +30,14 @@ class Prediction:
 
 
 def top_k(logits: np.ndarray, classes: list[str], k: int) -> list[list[Prediction]]:
-    """Per row of ``logits`` [N, K], its ``k`` most probable classes (softmax), best first."""
+    """Per row of ``logits`` [N, K], its ``k`` most probable classes (softmax), best first;
+    UserError for output of another shape (a model that is not an image classifier)."""
     logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2:
+        raise UserError(
+            f"the model's output has shape {list(logits.shape)}, not [N, classes]: top-k "
+            "classes need an image classifier (convforge bench times any model)"
+        )
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     order = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]

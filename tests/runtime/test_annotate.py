@@ -1,7 +1,5 @@
 """`convforge annotate`: metadata into a foreign file, nothing else changed, logits checked."""
 
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +10,8 @@ from convforge.contract import read_info, read_props
 from convforge.errors import UserError
 from convforge.runtime import backends, load
 from convforge.runtime.annotate import annotate
+
+pytestmark = pytest.mark.usefixtures("quiet_defaults")
 
 
 @pytest.fixture
@@ -34,13 +34,6 @@ def two_outputs(tmp_path):
     path = tmp_path / "foreign.onnx"
     onnx.save(model, path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def _quiet_defaults():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def test_annotate_round_trips(two_outputs, tmp_path):

@@ -13,27 +13,16 @@ from PIL import Image
 from convforge.cli import main
 from convforge.contract import read_info
 from convforge.runtime import bench, load
-from convforge.runtime.backends import BACKENDS, backend_class
+from convforge.runtime.backends import BACKENDS
 from convforge.runtime.candidates import candidates
 from convforge.runtime.preprocess import preprocess
+from tests.helpers import skip_unless_available
+
+pytestmark = pytest.mark.usefixtures("quiet_defaults")
 
 # The CPU backends that run .onnx files (torch needs its .pt2 program, and says so).
 ENGINES = [n for n in ("ort-cpu", "openvino") if n in BACKENDS]
 CFG = bench.BenchConfig(batch_sizes=(1, 4), warmup_iters=1, warmup_seconds=0, iters=2, seconds=0)
-
-
-def _available(name: str) -> None:
-    ok, why = backend_class(name).available()
-    if not ok:
-        pytest.skip(f"{name} cannot run here: {why}")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_defaults():
-    """Files made elsewhere warn that they use default preprocessing: expected here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +65,7 @@ def test_torch_default_names_and_fixed_batch_are_read(torchvision_files):
 @pytest.mark.parametrize("name", ENGINES)
 def test_predict_matches_torch_on_either_batch_dimension(name, torchvision_files):
     model, static, dynamic, images = torchvision_files
-    _available(name)
+    skip_unless_available(name)
     x = preprocess(images, read_info(dynamic))  # ImageNet mean/std, resize 37, crop 32
     want = model(torch.from_numpy(x)).detach().numpy()
     tolerance = 1e-3 if name == "ort-cpu" else 5e-2  # OpenVINO may run bf16 on this CPU
@@ -92,7 +81,7 @@ def test_predict_matches_torch_on_either_batch_dimension(name, torchvision_files
 @pytest.mark.parametrize("name", ENGINES)
 def test_bench_skips_batch_sizes_a_fixed_batch_cannot_take(name, torchvision_files):
     _, static, dynamic, _ = torchvision_files
-    _available(name)
+    skip_unless_available(name)
     records, skipped = bench.bench_matrix([str(static), str(dynamic)], [name], CFG)
     sizes = {(r["model"].rsplit("/", 1)[-1], r["batch_size"]) for r in records}
     assert sizes == {("tv_static.onnx", 1), ("tv_dynamic.onnx", 1), ("tv_dynamic.onnx", 4)}
@@ -144,7 +133,7 @@ def _pixel_mean_model(folder, dtype: int, name: str, layout: str = "NHWC"):
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_nhwc_uint8_and_float16_inputs(name, tmp_path):
-    _available(name)
+    skip_unless_available(name)
     pixels = np.zeros((2, 8, 8, 3), np.uint8)
     pixels[0, ..., 2] = 200  # image 0 is blue, image 1 red
     pixels[1, ..., 0] = 250
@@ -165,7 +154,7 @@ def test_nhwc_uint8_and_float16_inputs(name, tmp_path):
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_an_engine_failure_is_one_line(name, tmp_path, capsys):
-    _available(name)
+    skip_unless_available(name)
     graph = helper.make_graph(
         [helper.make_node("NoSuchOp", ["x"], ["y"], domain="example.com")],
         "broken",

@@ -123,6 +123,18 @@ class Backend:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def load_graph(self) -> Backend:
+        """Load any ONNX graph, not only an image classifier, for :meth:`run_feeds` (the
+        latency of detection or segmentation models, several inputs: bench --shapes).
+        Backends that cannot (the default) say so in one line."""
+        raise UserError(
+            f"{self.name} runs image classifiers only; ort-cpu and openvino run any ONNX graph"
+        )
+
+    def run_feeds(self, feeds: dict) -> list:
+        """Every output, for ``feeds`` (input name -> array), after :meth:`load_graph`."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         """What ran: backend, precision and backend-specific settings (for bench records)."""
         return {"backend": self.name, "precision": self.precision}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convforge.errors import UserError
-from convforge.runtime.backends.base import Backend, InputSpec
+from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
 from convforge.settings import setting
 
 HINTS = ("LATENCY", "THROUGHPUT")
@@ -59,11 +59,19 @@ class OpenVino(Backend):
         return True, ""
 
     def _load(self) -> InputSpec:
-        import openvino as ov
-
         from convforge.contract import read_info
 
         info = read_info(self.path)
+        compiled = self._compile(info.precision)
+        self._input = compiled.input(info.input_name)
+        self._output = compiled.output(info.output_name)
+        return info.spec
+
+    def _compile(self, file_precision: str):
+        """Compile the file for the CPU with this instance's options; set the precision that
+        runs (read back from OpenVINO) and the settings describe() reports."""
+        import openvino as ov
+
         config = {"PERFORMANCE_HINT": self.hint}
         if self.requested_precision is not None:
             config["INFERENCE_PRECISION_HINT"] = self.requested_precision
@@ -76,14 +84,8 @@ class OpenVino(Backend):
             raise UserError(f"OpenVINO could not compile {self.path}: {_first_line(e)}") from None
         self._compiled = compiled
         self._request = compiled.create_infer_request()
-        self._input, self._output = (
-            compiled.input(info.input_name),
-            compiled.output(info.output_name),
-        )
         ran = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        self.precision = _PRECISION_NAMES.get(ran, ran)
-        if info.precision == "int8":
-            self.precision = "int8"
+        self.precision = "int8" if file_precision == "int8" else _PRECISION_NAMES.get(ran, ran)
         self._settings = {
             "device": "CPU",
             "hint": self.hint,
@@ -93,7 +95,25 @@ class OpenVino(Backend):
             "streams": _int_property(compiled, "NUM_STREAMS"),
             "openvino": ov.__version__.split("-")[0],
         }
-        return info.spec
+        return compiled
+
+    def load_graph(self) -> OpenVino:
+        from convforge.contract import graph_precision, load_onnx
+
+        ok, why = self.available()
+        if not ok:
+            raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
+        self._compile(graph_precision(load_onnx(self.path, weights=False)))
+        self._loaded = True
+        return self
+
+    def run_feeds(self, feeds: dict) -> list:
+        try:
+            self._request.infer(feeds)
+        except RuntimeError as e:
+            raise UserError(f"OpenVINO could not run {self.path}: {_first_line(e)}") from None
+        count = len(self._compiled.outputs)
+        return [np.array(self._request.get_output_tensor(i).data) for i in range(count)]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         try:

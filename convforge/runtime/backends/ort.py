@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import read_info, sha256_of
+from convforge.contract import graph_precision, load_onnx, read_info, sha256_of
 from convforge.errors import UserError
 from convforge.extras import install_hint
 from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
@@ -123,6 +123,8 @@ def _session(backend: Backend, sess_options, providers, required: str | None):
             "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs"
         )
     names = [i.name for i in session.get_inputs()]
+    if backend.info is None:  # load_graph: any graph
+        return session
     if backend.info.input_name not in names:  # read_info and ORT disagree: say so, in one line
         raise UserError(
             f"{backend.path}: expected an input named {backend.info.input_name!r}, got {names}"
@@ -189,6 +191,23 @@ class OrtCpu(Backend):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self._output], {self.info.input_name: batch})
         return np.asarray(out, dtype=np.float32)
+
+    def load_graph(self) -> OrtCpu:
+        ok, why = self.available()
+        if not ok:
+            raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
+        self.precision = graph_precision(load_onnx(self.path, weights=False))
+        self.info = None  # not a classifier: no input spec
+        self.session = _session(self, self.session_options(), ["CPUExecutionProvider"], None)
+        self._loaded = True
+        return self
+
+    def run_feeds(self, feeds: dict) -> list:
+        try:
+            return self.session.run(None, feeds)
+        except Exception as e:  # ORT's own errors (a shape the graph refuses): one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"onnxruntime could not run {self.path}: {first}") from None
 
     def _close(self) -> None:
         self.session = None
