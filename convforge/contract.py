@@ -211,6 +211,24 @@ def write_props(model, props: Mapping[str, str], replace_all: bool = False) -> N
 
 
 _WARNED: set[str] = set()  # files whose defaults were already said
+# Metadata given for a file on the command line (--mean, --labels, ...): resolved path ->
+# values that win over the file's own, for this process (see declare()).
+_DECLARED: dict[str, dict] = {}
+DECLARABLE = ("mean", "std", "resize_size", "classes", "layout", "output")
+
+
+def declare(path: str | os.PathLike, **values) -> None:
+    """Read ``path`` as if its metadata held ``values`` (keys of :data:`DECLARABLE`), for
+    the rest of this process: how ``--mean``, ``--std``, ``--resize``, ``--labels``,
+    ``--layout`` and ``--output`` reach every reader of the file (the backends, the
+    Model API, tune, the server) without changing it. ``convforge annotate`` writes the
+    same values into a copy. Values are checked when the file is read."""
+    unknown = sorted(set(values) - set(DECLARABLE))
+    if unknown:
+        raise ValueError(f"not declarable: {unknown}")
+    given = {k: v for k, v in values.items() if v is not None}
+    if given:
+        _DECLARED.setdefault(str(Path(path).resolve()), {}).update(given)
 
 
 class DefaultsWarning(UserWarning):
@@ -336,25 +354,38 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
 
 
 def _preprocessing(meta: dict, spec: InputSpec) -> tuple[list, list, int, tuple[str, ...]]:
-    """mean, std and resize size from the metadata, or the defaults for a file made elsewhere
-    (ImageNet statistics and torchvision's resize + centre crop), and which were defaulted.
-    A uint8-input graph normalizes inside, so its mean and std are never defaulted."""
-    if "input_size" in meta or "channels" in meta:  # a convforge export: its own values
-        mean = list(meta.get("mean", [0.0] * spec.channels))
-        std = list(meta.get("std", [1.0] * spec.channels))
-        return mean, std, int(meta.get("resize_size", spec.height)), ()
+    """mean, std and resize size from the metadata (or values declared for the file), else
+    the defaults for a file made elsewhere (ImageNet statistics, torchvision's resize + centre
+    crop), and which were defaulted. A uint8-input graph normalizes inside, so its mean and
+    std are never defaulted. UserError for a mean/std of the wrong length or a resize below
+    the input size."""
+    own = "input_size" in meta or "channels" in meta  # a convforge export (or annotated)
     defaults = []
-    if spec.dtype == "uint8":
-        mean, std = [0.0] * spec.channels, [1.0] * spec.channels
-    elif spec.channels == 3:
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-        defaults.append("ImageNet mean/std")
+    c = spec.channels
+    plain = own or spec.dtype == "uint8"  # no normalization default applies
+    stats = {}
+    for name, imagenet, neutral in (("mean", IMAGENET_MEAN, 0.0), ("std", IMAGENET_STD, 1.0)):
+        if name in meta or plain:
+            stats[name] = list(meta.get(name, [neutral] * c))
+        else:
+            stats[name] = list(imagenet) if c == 3 else [0.5] * c
+            defaults.append(f"{'ImageNet ' if c == 3 else ''}{name} {stats[name]}")
+    mean, std = stats["mean"], stats["std"]
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != c:
+            raise UserError(f"--{name} takes {c} value(s) for this {c}-channel model, got "
+                            f"{len(values)}")  # fmt: skip
+    if any(v <= 0 for v in std):
+        raise UserError(f"--std must be positive, got {std}")
+    if "resize_size" in meta or own:
+        resize = int(meta.get("resize_size", spec.height))
     else:
-        mean, std = [0.5] * spec.channels, [0.5] * spec.channels
-        defaults.append("mean/std 0.5")
-    resize = round(spec.height / CROP_FRACTION) if spec.height == spec.width else spec.height
-    defaults.append(f"resize {resize} + centre crop {spec.height}")
-    defaults.append("class indices as labels")
+        resize = round(spec.height / CROP_FRACTION) if spec.height == spec.width else spec.height
+        defaults.append(f"resize {resize} + centre crop {spec.height}")
+    if resize < spec.height:
+        raise UserError(f"--resize {resize} is below the input size {spec.height}")
+    if not own and "classes" not in meta:
+        defaults.append("class indices as labels")
     return mean, std, resize, tuple(defaults)
 
 
@@ -395,13 +426,14 @@ def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None, tuple[str,
     graph_input = (named or inputs)[0]
     tensor = graph_input.type.tensor_type
     outputs = [o.name for o in model.graph.output]
-    meta = decode(read_props(model))
+    meta = {**decode(read_props(model)), **_DECLARED.get(str(path.resolve()), {})}
     # str(): decode() reads a numeric name such as torch's "191" back as a number
     output = str(meta["output"]) if "output" in meta else None
     output = output or (OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0])
     if output not in outputs:
         raise UserError(
-            f"{path}: its metadata names output {output!r}; the graph's: {', '.join(outputs)}"
+            f"{path} has no output {output!r} (asked by --output or its metadata); its "
+            f"outputs: {', '.join(outputs)}"
         )
     dims = [d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim]
     dtype = INPUT_DTYPES.get(tensor.elem_type)

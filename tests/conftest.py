@@ -17,3 +17,14 @@ def quiet_defaults():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _forget_declared_metadata():
+    """--mean, --labels, ... declare metadata for a file for the rest of the process
+    (contract.declare); each test starts and ends without any."""
+    from convforge import contract
+
+    yield
+    contract._DECLARED.clear()
+    contract._WARNED.clear()

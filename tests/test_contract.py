@@ -215,3 +215,24 @@ def test_a_convforge_export_has_no_defaults(tmp_path):
     info = contract.read_info(tmp_path / "m.onnx")
     assert info.defaults == () and info.defaults_note is None
     assert (info.input_name, info.output_name) == ("input", "logits")
+
+
+def test_declared_values_win_over_the_file_and_the_defaults(tmp_path):
+    outputs = [("a", ["n", 2]), ("b", ["n", 3])]
+    path = _foreign([("img", TensorProto.FLOAT, ["n", 8, 8, 3])], outputs, tmp_path=tmp_path)
+    with pytest.warns(contract.DefaultsWarning):
+        assert contract.read_info(path).spec.layout == "NHWC"
+    contract.declare(path, layout="NCHW", output="b", mean=[0.1] * 8, classes=["x", "y", "z"])
+    info = contract.read_info(path)
+    assert info.spec.layout == "NCHW" and info.spec.channels == 8 and info.output_name == "b"
+    assert info.mean == [0.1] * 8 and info.classes == ["x", "y", "z"]
+    assert "mean" not in info.defaults_note and "std [0.5," in info.defaults_note
+    contract.declare(path, resize_size=4)
+    with pytest.raises(UserError, match="--resize 4 is below the input size 8"):
+        contract.read_info(path)
+    contract.declare(path, resize_size=None, mean=[0.1])  # None leaves a value as it was
+    with pytest.raises(UserError, match="--mean takes 8 value"):
+        contract.read_info(path)
+    contract.declare(path, output="c", mean=[0.1] * 8, resize_size=9)
+    with pytest.raises(UserError, match="has no output 'c' .*its outputs: a, b"):
+        contract.read_info(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from convforge.cli.options import add_json, add_settings, settings_from
+from convforge.cli.options import add_json, add_settings, float_list, settings_from
 
 
 def export_parser(p: argparse.ArgumentParser) -> None:
@@ -73,9 +73,9 @@ def annotate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an .onnx file")
     p.add_argument("-o", "--out", required=True, help="the annotated .onnx to write")
     p.add_argument("--labels", help="a text file, one class name per line, in logit order")
-    p.add_argument("--mean", type=_floats, help="per-channel mean of [0, 1] pixels, e.g. "
+    p.add_argument("--mean", type=float_list, help="per-channel mean of [0, 1] pixels, e.g. "
                    "0.485,0.456,0.406")  # fmt: skip
-    p.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
+    p.add_argument("--std", type=float_list, help="per-channel std, e.g. 0.229,0.224,0.225")
     p.add_argument("--resize", type=int, help="resize the shorter side to this, then crop")
     p.add_argument("--output", help="the graph output holding the class scores (default: "
                    "'logits' if present, else the first)")  # fmt: skip
@@ -83,13 +83,6 @@ def annotate_parser(p: argparse.ArgumentParser) -> None:
                    "inferred from its shape)")  # fmt: skip
     add_json(p)
     p.set_defaults(func=cmd_annotate)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated numbers, got {text!r}") from None
 
 
 def cmd_annotate(args) -> int:

@@ -154,3 +154,58 @@ def _help(f: dataclasses.Field, default) -> str:
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         text += f" (default: {shown})"
     return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type: ``"0.485,0.456,0.406"`` -> ``[0.485, 0.456, 0.406]``."""
+    try:
+        values = [float(v) for v in csv(text)]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers, got {text!r}")
+    return values
+
+
+def add_model_overrides(parser: argparse.ArgumentParser, output_flag: bool = True) -> None:
+    """``--mean --std --resize --labels --output --layout``: what a file made elsewhere
+    does not say about itself (``output_flag=False``: ``--output-name`` only, for a
+    command whose ``--output`` is taken)."""
+    g = parser.add_argument_group(
+        "a model made elsewhere (override its metadata or the defaults; `convforge annotate` "
+        "writes them into the file)"
+    )
+    g.add_argument("--mean", type=float_list, help="per-channel mean of [0, 1] pixels "
+                   "(default: the file's, else ImageNet's 0.485,0.456,0.406)")  # fmt: skip
+    g.add_argument("--std", type=float_list, help="per-channel std (default: the file's, else "
+                   "ImageNet's 0.229,0.224,0.225)")  # fmt: skip
+    g.add_argument("--resize", type=int, help="resize the shorter side to this, then centre-"
+                   "crop the input size (default: the file's, else input / 0.875)")  # fmt: skip
+    g.add_argument("--labels", help="text file: one class name per line, in logit order")
+    flags = ("--output", "--output-name") if output_flag else ("--output-name",)
+    g.add_argument(*flags, dest="scores_output", metavar="NAME", help="the graph output with "
+                   "the class scores (default: 'logits' if present, else the first)")  # fmt: skip
+    g.add_argument("--layout", choices=("NCHW", "NHWC"), help="the input's layout (default: "
+                   "the file's, else inferred from its shape)")  # fmt: skip
+
+
+def apply_model_overrides(args: argparse.Namespace, paths) -> None:
+    """Make every reader of ``paths`` see the overrides given (see contract.declare)."""
+    from pathlib import Path
+
+    from convforge import contract
+
+    labels = None
+    if args.labels:
+        try:
+            text = Path(args.labels).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read labels file {args.labels}: {e}") from None
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+        if not labels:
+            raise UserError(f"labels file {args.labels} holds no labels (one per line)")
+    if args.resize is not None and args.resize < 1:
+        raise UserError(f"--resize must be a positive integer, got {args.resize}")
+    for path in paths:
+        contract.declare(path, mean=args.mean, std=args.std, resize_size=args.resize,
+                         classes=labels, layout=args.layout, output=args.scores_output)  # fmt: skip

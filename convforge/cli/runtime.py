@@ -13,7 +13,9 @@ from convforge import extras
 from convforge.cli.options import (
     add_backend_options,
     add_json,
+    add_model_overrides,
     add_settings,
+    apply_model_overrides,
     backend_options,
     csv,
     settings_from,
@@ -32,12 +34,13 @@ def predict_parser(p: argparse.ArgumentParser) -> None:
         "the fastest backend that can run the file here (tensorrt, ort-trt, ort-cuda, "
         f"openvino, ort-cpu, torch, in that order). {OPTIONS_HINT}"
     )
-    p.add_argument("model", help="an exported .onnx (or .pt2) file")
+    p.add_argument("model", help="an .onnx file (or a convforge .pt2)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--backend", default="auto", help=f"{BACKEND_HELP} (default: auto)")
     add_backend_options(p, "torch.device=cuda")
     p.add_argument("--plan", help=PLAN_HELP + " (the entry closest to the number of images)")
+    add_model_overrides(p)
     p.add_argument(
         "-v", "--verbose", action="store_true", help="say which backends auto skipped, and why"
     )
@@ -51,6 +54,7 @@ def cmd_predict(args) -> int:
 
     if args.backend == "auto":
         extras.require_engine("convforge predict")
+    apply_model_overrides(args, [args.model])
     options = backend_options(args.set, BACKENDS)
     if args.plan:
         conflicts = {"--backend": args.backend != "auto", "--set": bool(args.set)}
@@ -128,6 +132,7 @@ def bench_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json-out", help="write records as JSON")
     g.add_argument("--csv-out", help="write records as CSV")
     g.add_argument("--plot", help="write a PNG: latency and throughput vs batch size")
+    add_model_overrides(p)
     add_json(p)
     p.set_defaults(func=cmd_bench)
 
@@ -143,6 +148,7 @@ def cmd_bench(args) -> int:
     if names is None:
         extras.require_engine("convforge bench")
     cfg = settings_from(bench.BenchConfig, args)
+    apply_model_overrides(args, args.models)
     options = backend_options(args.set, BACKENDS)
     labelled = _labelled_images(args.accuracy, args.models[0]) if args.accuracy else None
     if args.plan:
@@ -266,6 +272,7 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
     add_settings(p, BatchingConfig, "batching")
     add_backend_options(p, "ort-cpu.threads=2")
     p.add_argument("--plan", help=PLAN_HELP + " (the entry closest to --max-batch-size)")
+    add_model_overrides(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -276,6 +283,7 @@ def cmd_serve(args) -> int:
 
     if args.backend == "auto":
         extras.require_engine("convforge serve")
+    apply_model_overrides(args, model_names(args.models).values())
     asyncio.run(serve(serve_config(args), on_ready=_announce))
     print("convforge serve: stopped", flush=True)
     return 0

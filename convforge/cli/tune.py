@@ -29,7 +29,14 @@ import json
 from pathlib import Path
 
 from convforge import extras
-from convforge.cli.options import add_json, add_settings, csv, settings_from
+from convforge.cli.options import (
+    add_json,
+    add_model_overrides,
+    add_settings,
+    apply_model_overrides,
+    csv,
+    settings_from,
+)
 from convforge.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -58,6 +65,7 @@ def tune_parser(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_settings(p, TuneConfig, "search")
     p.add_argument("-o", "--output", required=True, help="the plan to write (JSON)")
+    add_model_overrides(p, output_flag=False)
     add_json(p)
     p.set_defaults(func=cmd_tune)
 
@@ -69,6 +77,7 @@ def cmd_tune(args) -> int:
 
     extras.require_engine("convforge tune")
     cfg = settings_from(TuneConfig, args).check()
+    apply_model_overrides(args, args.models)
     for path in args.models:
         read_info(path)  # UserError: missing or not a model
     names = None

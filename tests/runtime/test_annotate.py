@@ -1,5 +1,7 @@
 """`convforge annotate`: metadata into a foreign file, nothing else changed, logits checked."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -120,3 +122,29 @@ def test_cli(two_outputs, tmp_path, capsys):
     assert "cannot read labels file" in capsys.readouterr().err
     assert main([*argv[:-4], "--mean", "a,b"]) == 2
     assert "takes comma-separated numbers, got 'a,b'" in capsys.readouterr().err
+
+
+def test_the_same_values_as_command_line_flags(two_outputs, tmp_path, capsys):
+    """--labels/--mean/--std/--resize/--output on predict do for one run what annotate
+    writes into the file; a mistake in them is one line."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\nblue\n")
+    from PIL import Image
+
+    image = tmp_path / "blue.png"
+    Image.new("RGB", (12, 12), (0, 0, 255)).save(image)
+    argv = ["predict", str(two_outputs), str(image), "--backend", "ort-cpu", "--topk", "1"]
+    assert main(argv) == 2  # the first output, 'aux', is not [N, classes]
+    assert "not [N, classes]" in capsys.readouterr().err
+    flags = ["--output", "scores", "--labels", str(labels), "--mean", "0.5,0.5,0.5",
+             "--std", "0.25,0.25,0.25", "--resize", "10"]  # fmt: skip
+    assert main([*argv, *flags, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["predictions"][0]["top"][0]["label"] == "blue"
+    for bad, message in ((["--labels", str(tmp_path / "none.txt")], "cannot read labels file"),
+                         (["--std", "1,0,1"], "--std must be positive"),
+                         (["--resize", "0"], "--resize must be a positive integer"),
+                         (["--layout", "HWC"], "invalid choice: 'HWC'")):  # fmt: skip
+        assert main([*argv, "--output", "scores", *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
