@@ -160,7 +160,10 @@ def build_app(
         except UserError as e:
             raise errors.InvalidInput(str(e)) from None
         logits = await model.infer(rows)
-        (best,) = top_k(logits, model.info.classes, topk)
+        try:
+            (best,) = top_k(logits, model.info.classes, topk)
+        except UserError as e:  # the model is not an image classifier: this is not its endpoint
+            raise errors.InvalidInput(f"{model_name}: {e}") from None
         return {"model_name": model_name, "predictions": [p.__dict__ for p in best]}
 
     return _Guard(app, dataplane, metrics, max_body_bytes)
