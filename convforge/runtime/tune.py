@@ -180,7 +180,14 @@ def top1(backend, batch: np.ndarray, chunk: int) -> np.ndarray:
         n = len(part)
         if (backend.single_batch_size or fixed) and n < chunk:
             part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-        out.append(backend.run(part)[:n].argmax(axis=1))
+        logits = backend.run(part)[:n]
+        if logits.ndim != 2:
+            raise UserError(
+                f"{backend.path}: its output has shape {list(logits.shape)}, not [N, classes]; "
+                "tune checks top-1 accuracy, which needs an image classifier (convforge bench "
+                "times any model)"
+            )
+        out.append(logits.argmax(axis=1))
     return np.concatenate(out)
 
 

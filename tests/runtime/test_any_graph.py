@@ -140,3 +140,15 @@ def test_cli_bench_with_shapes_and_predict_refusal(two_inputs, capsys):
     assert "torch runs image classifiers only" in capsys.readouterr().err
     assert main(["predict", str(two_inputs), str(two_inputs)]) == 2
     assert "has 2 inputs (image, ids); an image classifier has one" in capsys.readouterr().err
+
+
+def test_tune_refuses_a_model_that_is_not_a_classifier(detector, capsys):
+    image = detector.parent / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), "white").save(image)
+    argv = ["tune", str(detector), "--images", str(image), "--backends", "ort-cpu",
+            "-o", str(detector.parent / "plan.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not [N, classes]; tune checks top-1 accuracy" in err and err.count("\n") == 1
