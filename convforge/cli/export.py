@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from convforge.cli.options import add_json, add_settings, float_list, settings_from
+from convforge.cli.options import add_json, add_settings, float_list, read_labels, settings_from
 
 
 def export_parser(p: argparse.ArgumentParser) -> None:
@@ -86,19 +86,11 @@ def annotate_parser(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_annotate(args) -> int:
-    from pathlib import Path
-
     from convforge import extras
-    from convforge.errors import UserError
     from convforge.runtime.annotate import annotate
 
     extras.require_engine("convforge annotate")
-    labels = None
-    if args.labels:
-        try:
-            labels = Path(args.labels).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read labels file {args.labels}: {e}") from None
+    labels = read_labels(args.labels) if args.labels else None
     done = annotate(args.model, args.out, labels=labels, mean=args.mean, std=args.std,
                     resize=args.resize, output=args.output, layout=args.layout)  # fmt: skip
     if args.json:

@@ -189,21 +189,26 @@ def add_model_overrides(parser: argparse.ArgumentParser, output_flag: bool = Tru
                    "the file's, else inferred from its shape)")  # fmt: skip
 
 
-def apply_model_overrides(args: argparse.Namespace, paths) -> None:
-    """Make every reader of ``paths`` see the overrides given (see contract.declare)."""
+def read_labels(path: str) -> list[str]:
+    """The class names in a text file, one per line (blank lines skipped); UserError when it
+    cannot be read or holds none."""
     from pathlib import Path
 
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read labels file {path}: {e}") from None
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise UserError(f"labels file {path} holds no labels (one per line)")
+    return labels
+
+
+def apply_model_overrides(args: argparse.Namespace, paths) -> None:
+    """Make every reader of ``paths`` see the overrides given (see contract.declare)."""
     from convforge import contract
 
-    labels = None
-    if args.labels:
-        try:
-            text = Path(args.labels).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read labels file {args.labels}: {e}") from None
-        labels = [line.strip() for line in text.splitlines() if line.strip()]
-        if not labels:
-            raise UserError(f"labels file {args.labels} holds no labels (one per line)")
+    labels = read_labels(args.labels) if args.labels else None
     if args.resize is not None and args.resize < 1:
         raise UserError(f"--resize must be a positive integer, got {args.resize}")
     for path in paths:

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from convforge.errors import UserError
 from convforge.files import write_text
 from convforge.pipeline.recipe import Recipe, load_recipe
-from convforge.pipeline.stages import STAGES, Run, check_out
+from convforge.pipeline.stages import STAGES, Run
 
 __all__ = ["Outcome", "Recipe", "load_recipe", "run_pipeline"]
 
@@ -43,7 +44,8 @@ def run_pipeline(
     from convforge.pipeline import report
     from convforge.runtime.plan import Plan
 
-    check_out(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the run")
     started = time.perf_counter()
     run = Run(recipe, out, force=force, log=log, progress=progress)
     for stage in STAGES:

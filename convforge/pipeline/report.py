@@ -23,8 +23,6 @@ from convforge import __version__
 from convforge.pipeline.document import Document
 from convforge.pipeline.recipe import Recipe
 
-STAGE_TITLES = {"pretrain": "pretraining", "train": "training"}
-
 
 def build(recipe: Recipe, out: Path, results: dict, plan, reused: list[str]) -> Document:
     """The report of the run in ``out`` (``plan``: the tune stage's Plan)."""
@@ -40,7 +38,7 @@ def build(recipe: Recipe, out: Path, results: dict, plan, reused: list[str]) -> 
         _init(doc, results["init"])
     _export(doc, results["export"])
     _backends(doc, results["bench"], out)
-    _recommendation(doc, plan, out)
+    _recommendation(doc, plan)
     _commands(doc, out, plan, results["data"])
     env = results["bench"]["environment"]
     doc.text(
@@ -238,7 +236,7 @@ def _backends(doc: Document, bench: dict, out: Path) -> None:
     doc.image(bench["plot"], "p50 latency and throughput by batch size")
 
 
-def _recommendation(doc: Document, plan, out: Path) -> None:
+def _recommendation(doc: Document, plan) -> None:
     doc.heading("Recommendation")
     acc = plan.accuracy
     doc.text(

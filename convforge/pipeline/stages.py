@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convforge import __version__
-from convforge.errors import UserError
 from convforge.files import ensure_dir, write_text
 from convforge.pipeline.recipe import Recipe
 
@@ -60,6 +59,7 @@ class Run:
         self.results: dict[str, dict] = {}
         self.fingerprints: dict[str, str] = {}
         self.reused: list[str] = []
+        self.started_fingerprint: str | None = None  # of the stage running now
         self._data = None
 
     def run(self, stage: Stage) -> None:
@@ -352,10 +352,6 @@ STAGES = (
 )
 
 
-def stage_names(recipe: Recipe) -> list[str]:
-    return [s.name for s in STAGES if s.wanted(recipe)]
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -371,9 +367,3 @@ def _read_text(path: Path) -> str | None:
         return path.read_text()
     except OSError:
         return None
-
-
-def check_out(out: Path) -> None:
-    """UserError when ``out`` cannot be a run folder (a file is there)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the run")

@@ -112,13 +112,13 @@ def _per_channel(flag: str, given, default: list[float], channels: int) -> list[
 
 def _labels(labels: list[str], model, output: str) -> list[str]:
     labels = [label.strip() for label in labels if label.strip()]
+    if not labels:
+        raise UserError("no labels given (one class name per line)")
     value = next(o for o in model.graph.output if o.name == output)
     dims = value.type.tensor_type.shape.dim
     k = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value > 0 else None
     if k is not None and len(labels) != k:
         raise UserError(f"{len(labels)} labels for output {output!r} of {k} scores")
-    if not labels:
-        raise UserError("the labels file holds no labels (one per line)")
     return labels
 
 

@@ -218,7 +218,8 @@ def bench_graph(name: str, path: str, cfg: BenchConfig, shapes: dict, **options)
         backend.run_feeds(feeds)
         first_ms = (time.perf_counter() - t) * 1e3
         samples = timed(lambda: backend.run_feeds(feeds), cfg)
-        bs = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        first_input = next(iter(feeds.values()), np.zeros(()))
+        bs = first_input.shape[0] if first_input.ndim else 1
         return [{
             **backend.describe(),
             "batch_size": bs,

@@ -76,6 +76,7 @@ def test_without_options_the_defaults_are_written_out(two_outputs, tmp_path):
         ({"std": [1, 0, 1]}, "--std must be positive"),
         ({"resize": 4}, "--resize 4 is below the input size 8"),
         ({"layout": "CHWN"}, "--layout 'CHWN'; accepted: NCHW, NHWC"),
+        ({"labels": ["", " "]}, "no labels given"),
     ],
 )
 def test_values_that_do_not_fit_are_refused(two_outputs, tmp_path, kwargs, message):
@@ -129,6 +130,8 @@ def test_the_same_values_as_command_line_flags(two_outputs, tmp_path, capsys):
     writes into the file; a mistake in them is one line."""
     labels = tmp_path / "labels.txt"
     labels.write_text("red\ngreen\nblue\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
     from PIL import Image
 
     image = tmp_path / "blue.png"
@@ -144,7 +147,22 @@ def test_the_same_values_as_command_line_flags(two_outputs, tmp_path, capsys):
     for bad, message in ((["--labels", str(tmp_path / "none.txt")], "cannot read labels file"),
                          (["--std", "1,0,1"], "--std must be positive"),
                          (["--resize", "0"], "--resize must be a positive integer"),
+                         (["--labels", str(empty)], "holds no labels (one per line)"),
                          (["--layout", "HWC"], "invalid choice: 'HWC'")):  # fmt: skip
         assert main([*argv, "--output", "scores", *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def test_a_non_square_input_is_refused(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "wide.onnx")
+    with pytest.raises(UserError, match="input is 8x16; annotate takes square"):
+        annotate(tmp_path / "wide.onnx", tmp_path / "a.onnx")

@@ -7,7 +7,8 @@ import pytest
 
 from convforge.errors import UserError
 from convforge.runtime.backends.base import BackendUnavailable
-from convforge.runtime.backends.ort import OrtCpu, OrtCuda, OrtTensorRT, engine_cache_dir
+from convforge.runtime.backends.ort import OrtCpu
+from convforge.runtime.backends.ort_gpu import OrtCuda, OrtTensorRT, engine_cache_dir
 from tests.helpers import (
     SMALL_INPUT,
     export_small_model,
@@ -100,7 +101,8 @@ def test_runtime_module_imports_without_onnxruntime():
 
     code = (
         "import sys; sys.modules['onnxruntime'] = None\n"
-        "from convforge.runtime.backends.ort import OrtCpu, OrtCuda\n"
+        "from convforge.runtime.backends.ort import OrtCpu\n"
+        "from convforge.runtime.backends.ort_gpu import OrtCuda\n"
         "ok, why = OrtCpu.available(); assert not ok and 'onnxruntime' in why, why\n"
         "ok, why = OrtCuda.available(); assert not ok, why\n"
     )

@@ -14,7 +14,8 @@ from convforge import contract
 from convforge.errors import UserError
 from convforge.runtime import backends, bench
 from convforge.runtime.backends.options import parse_options
-from convforge.runtime.backends.ort import OrtCpu, OrtCuda, OrtTensorRT
+from convforge.runtime.backends.ort import OrtCpu
+from convforge.runtime.backends.ort_gpu import OrtCuda, OrtTensorRT
 from convforge.runtime.backends.tensorrt import TensorRT
 from convforge.runtime.backends.torch_program import TorchProgram
 from convforge.runtime.candidates import Candidate, candidates

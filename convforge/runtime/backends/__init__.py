@@ -32,8 +32,8 @@ from convforge.runtime.backends.base import (
 # name -> (module, class); imported on use so that unused backends cost nothing.
 BACKENDS = {
     "ort-cpu": ("convforge.runtime.backends.ort", "OrtCpu"),
-    "ort-cuda": ("convforge.runtime.backends.ort", "OrtCuda"),
-    "ort-trt": ("convforge.runtime.backends.ort", "OrtTensorRT"),
+    "ort-cuda": ("convforge.runtime.backends.ort_gpu", "OrtCuda"),
+    "ort-trt": ("convforge.runtime.backends.ort_gpu", "OrtTensorRT"),
     "tensorrt": ("convforge.runtime.backends.tensorrt", "TensorRT"),
     "openvino": ("convforge.runtime.backends.openvino", "OpenVino"),
     "torch": ("convforge.runtime.backends.torch_program", "TorchProgram"),

@@ -51,6 +51,7 @@ class Backend:
         self.path = str(path)
         self.options = parse_options(self.Options, options, self.name)
         self.spec: InputSpec | None = None  # set by load()
+        self.info = None  # the file's ModelInfo, for backends that read it in load()
         self.precision: str = "fp32"  # the precision that actually runs (set by load)
         self._loaded = False
 
@@ -126,10 +127,17 @@ class Backend:
     def load_graph(self) -> Backend:
         """Load any ONNX graph, not only an image classifier, for :meth:`run_feeds` (the
         latency of detection or segmentation models, several inputs: bench --shapes).
-        Backends that cannot (the default) say so in one line."""
-        raise UserError(
-            f"{self.name} runs image classifiers only; ort-cpu and openvino run any ONNX graph"
-        )
+        Backends without :meth:`_load_graph` say so in one line."""
+        ok, why = self.available()
+        if not ok:
+            raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
+        try:
+            self._load_graph()
+        except BaseException:
+            self._close()
+            raise
+        self._loaded = True
+        return self
 
     def run_feeds(self, feeds: dict) -> list:
         """Every output, for ``feeds`` (input name -> array), after :meth:`load_graph`."""
@@ -146,6 +154,11 @@ class Backend:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _load_graph(self) -> None:
+        raise UserError(
+            f"{self.name} runs image classifiers only; ort-cpu and openvino run any ONNX graph"
+        )
 
     def _close(self) -> None:
         pass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convforge.errors import UserError
-from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
+from convforge.runtime.backends.base import Backend, InputSpec
 from convforge.settings import setting
 
 HINTS = ("LATENCY", "THROUGHPUT")
@@ -97,15 +97,10 @@ class OpenVino(Backend):
         }
         return compiled
 
-    def load_graph(self) -> OpenVino:
+    def _load_graph(self) -> None:
         from convforge.contract import graph_precision, load_onnx
 
-        ok, why = self.available()
-        if not ok:
-            raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
         self._compile(graph_precision(load_onnx(self.path, weights=False)))
-        self._loaded = True
-        return self
 
     def run_feeds(self, feeds: dict) -> list:
         try:
