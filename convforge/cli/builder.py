@@ -166,25 +166,29 @@ def cmd_diagnose_init(args) -> int:
         ratio_spread,
         run_init_experiment,
     )
-    from convforge.files import ensure_dir, write_text
+    from convforge.files import together
 
     inits = csv(args.inits)
     if not inits:
         raise UserError("--init needs at least one of: small, xavier, kaiming")
+    seeds = check_int("--seeds", args.seeds)
     config = settings_from(ModelConfig, args, options=_arch_options(args))
     runs = run_init_experiment(config, inits, args.input_size, args.batch_size, args.seed)
     cfg = runs[0].config
-    out = ensure_dir(args.out)
+    out = Path(args.out)
     stem = f"init-{cfg.arch}-{cfg.activation}-{cfg.norm}"
-    plot_init_experiment(runs, out / f"{stem}.png")
-    record = as_record(runs)
-    record["plot"] = str(out / f"{stem}.png")
-    spread = None
-    if check_int("--seeds", args.seeds) > 1:
-        seeds = range(args.seeds)
-        spread = ratio_spread(config, inits, seeds, args.input_size, args.batch_size)
-        record["depth_ratio_spread"] = spread
-    write_text(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+    with together() as staging:  # the plot and the JSON appear together, or neither
+        if not out.is_dir():
+            staging.folder(out)  # a new --out folder appears only with them in it
+        plot_init_experiment(runs, staging.file(out / f"{stem}.png"))
+        record = as_record(runs)
+        record["plot"] = str(out / f"{stem}.png")
+        spread = None
+        if seeds > 1:
+            spread = ratio_spread(config, inits, range(seeds), args.input_size, args.batch_size)
+            record["depth_ratio_spread"] = spread
+        json_path = staging.file(out / f"{stem}.json")
+        json_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
@@ -290,25 +294,27 @@ def cmd_augment_preview(args) -> int:
     from convforge.builder.data.images import channel_stats
     from convforge.builder.data.preview import preview_grid
     from convforge.builder.data.sources import load_dataset
-    from convforge.files import ensure_dir
+    from convforge.files import together
 
     bundle = load_dataset(args.dataset, seed=args.seed)
     aug = settings_from(AugmentConfig, args).resolved(flip_safe=bundle.flip_safe)
     stats = channel_stats(bundle.train, seed=args.seed)
     path = Path(args.out)
-    ensure_dir(path.parent)
-    preview_grid(
-        bundle.train,
-        aug,
-        args.input_size,
-        stats.mean,
-        stats.std,
-        bundle.native_size,
-        path,
-        samples=args.samples,
-        variants=args.variants,
-        seed=args.seed,
-    )
+    with together() as staging:
+        if not path.parent.is_dir():
+            staging.folder(path.parent)  # a new folder appears only with the grid in it
+        preview_grid(
+            bundle.train,
+            aug,
+            args.input_size,
+            stats.mean,
+            stats.std,
+            bundle.native_size,
+            staging.file(path),
+            samples=args.samples,
+            variants=args.variants,
+            seed=args.seed,
+        )
     print(
         f"{path}: {args.samples} {bundle.name} images x {args.variants} augmented views "
         f"(preset {args.preset}; first column: the evaluation view)"

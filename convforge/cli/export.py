@@ -20,8 +20,9 @@ def export_parser(p: argparse.ArgumentParser) -> None:
         "output 'logits', preprocessing in the metadata) and a torch.export program (.pt2), "
         "and validate the written file against the original model with the runtime's ort-cpu "
         "backend (optimizations off and on, batch 1 and 8) on the checkpoint's validation "
-        "images. Nothing is written unless validation passes. A report goes to "
-        "<output>.export.json."
+        "images (or --dataset). All or nothing: every file (variants, Triton repository and "
+        "the report, <output>.export.json, included) is checked before any appears, and a "
+        "failure leaves no new file and every older one as it was."
     )
     p.add_argument("checkpoint", help="a convforge checkpoint (best.pt / last.pt)")
     p.add_argument("-o", "--output", required=True, help="ONNX path, e.g. model.onnx")

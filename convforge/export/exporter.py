@@ -2,10 +2,13 @@
 
 :func:`export_onnx` is the core for any module; :func:`export_checkpoint` is
 what ``convforge export`` runs: rebuild the model from a builder checkpoint,
-take validation and calibration images from the checkpoint's own dataset,
-write ``model.onnx`` + ``model.pt2`` (+ ``model.fp16.onnx``,
-``model.int8.onnx``, a Triton repository) and ``model.export.json``.
-Nothing is written unless its validation passes.
+take validation and calibration images from the checkpoint's own dataset
+(or ``--dataset``), write ``model.onnx`` + ``model.pt2`` (+ ``model.fp16.onnx``,
+``model.int8.onnx``, uint8-input twins, a Triton repository) and
+``model.export.json``. All or nothing: every file is staged under a temporary
+name (:func:`convforge.files.together`) and checked, and only when all of them
+pass do they replace their targets, together; a failure anywhere leaves no new
+file and every old one as it was.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from convforge.export.validate import (
     reference_logits,
     validate,
 )
-from convforge.files import staged, write_text
+from convforge.files import Staging, together
 from convforge.runtime.onnx_info import op_histogram
 from convforge.settings import setting
 
@@ -105,13 +108,16 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     samples: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    staging: Staging | None = None,
 ) -> ExportReport:
     """Fold ``module``'s BatchNorms, export to ONNX at ``path`` (+ ``.pt2``), validate.
 
     ``input_size`` is (C, H, W); the batch dimension is dynamic. ``samples``
     (float32 [N, C, H, W], preprocessed) validate the export; without them a
     random batch does. Raises :class:`ValidationFailed` (writing nothing)
-    when the ONNX disagrees with ``module`` beyond tolerance.
+    when the ONNX disagrees with ``module`` beyond tolerance. The two files
+    appear together once both are written and checked; with ``staging`` they
+    are staged in it instead, for the caller to publish with its other files.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -139,10 +145,11 @@ def export_onnx(
     contract.write_props(model, info)
     t = time.perf_counter()
     reference = reference_logits(module, samples)
-    report = write_validated(model, path, reference, samples, "fp32", labels, source)
-    seconds["validate"] = time.perf_counter() - t
     program_path = path.with_suffix(".pt2")
-    save_program(program, program_path, info)
+    with together(staging) as group:
+        report = write_validated(model, path, group, reference, samples, "fp32", labels, source)
+        seconds["validate"] = time.perf_counter() - t
+        save_program(program, group.file(program_path), info)
     return ExportReport(
         str(path),
         str(program_path),
@@ -174,6 +181,11 @@ class ExportOptions:
         "the most sensitive layers stay in float until it fits (refused if no mix does)",
     )
     val_samples: int = setting(512, "validation images that check each export, at most")
+    dataset: str | None = setting(
+        None,
+        "validate and calibrate on this dataset (e.g. imagefolder:DIR) instead of the one "
+        "the checkpoint names, e.g. when that folder has moved; it must have the same classes",
+    )
     triton_repo: str | None = setting(None, "also write a Triton model repository here")
     triton_max_batch_size: int = setting(32, "the Triton model's max_batch_size")
     input_format: str = setting(
@@ -196,12 +208,21 @@ class ExportOptions:
         return self
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions) -> ExportReport:
-    """``convforge export``: checkpoint -> validated ONNX (+ variants, Triton repo, report)."""
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, opts: ExportOptions, staging: Staging | None = None
+) -> ExportReport:
+    """``convforge export``: checkpoint -> validated ONNX (+ variants, Triton repo, report).
+
+    Every file is checked before any appears, and they appear together (see the
+    module docstring). The checkpoint's dataset (or ``opts.dataset``) gives the
+    validation and calibration images; when it cannot be loaded, a plain fp32
+    export validates on random inputs, and one with ``--fp16`` or ``--int8``
+    is refused with a UserError naming what is missing and ``--dataset``.
+    With ``staging``, the files are staged in it, for the caller to publish
+    with its own.
+    """
     from convforge.builder import ModelConfig, build_model
     from convforge.builder.checkpoint import load_checkpoint
-    from convforge.export import precision
-    from convforge.export.int8_accuracy import int8_within_budget
 
     opts.check()
     out = Path(out)
@@ -220,6 +241,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         ) from None
     data = ck["data_config"]
     input_size = (data["channels"], data["input_size"], data["input_size"])
+    samples, labels, calib = _images(ck, opts)
     info = contract.metadata(
         arch=cfg.arch,
         classes=data["classes"],
@@ -229,28 +251,28 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         resize_size=data.get("resize_size", data["input_size"]),
         channels=data["channels"],
         source_sha256=contract.sha256_of(checkpoint),
-        dataset=_dataset(ck),
+        dataset=_dataset(ck, opts),
     )
-    samples, labels, calib = _images(ck, opts)
-    report = export_onnx(
-        model,
-        out,
-        input_size,
-        opset=opts.opset,
-        metadata=info,
-        samples=samples,
-        labels=labels,
-    )
+    with together(staging) as staging:
+        report = export_onnx(model, out, input_size, opset=opts.opset, metadata=info,
+                             samples=samples, labels=labels, staging=staging)  # fmt: skip
+        _variants(report, model, out, samples, labels, calib, opts, staging)
+        report_path = staging.file(out.with_suffix(".export.json"))
+        report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    return report
+
+
+def _variants(report, model, out, samples, labels, calib, opts, staging) -> None:
+    """Stage the variants ``opts`` asks for beside the fp32 file: fp16, int8, uint8 twins,
+    the Triton repository. ``samples`` is None only when neither fp16 nor int8 is asked."""
+    from convforge.export import precision
+    from convforge.export.int8_accuracy import int8_within_budget
+
     reference = reference_logits(model, samples) if samples is not None else None
     if opts.fp16:
         fp16 = precision.to_fp16(report.model)
-        _variant(report, "fp16", fp16, out, reference, samples, labels)
+        _variant(report, "fp16", fp16, out, staging, reference, samples, labels)
     if opts.int8:
-        if calib is None or labels is None:
-            raise UserError(
-                f"--int8 needs the checkpoint's dataset ({data['dataset']}) for calibration and "
-                "accuracy, and it cannot be loaded here"
-            )
         int8, search = int8_within_budget(
             report.model,
             calib,
@@ -263,37 +285,37 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         )
         # TensorRT runs the Q/DQ graph as written; see convforge.export.validate.
         optimized = opts.int8_target != "tensorrt"
-        _variant(report, "int8", int8, out, reference, samples, labels, optimized, opts)
+        _variant(report, "int8", int8, out, staging, reference, samples, labels, optimized, opts)
         report.variants["int8"]["search"] = search
     if opts.input_format == "uint8":
-        _uint8_variants(report, model, out, samples, labels, opts)
+        _uint8_variants(report, model, out, samples, labels, opts, staging)
     if opts.triton_repo:
         from convforge.export.triton import write_triton_repo
 
         best = out.with_suffix(".int8.onnx") if opts.int8 else out
         repo = write_triton_repo(
-            best,
+            staging.temporary(best),
             opts.triton_repo,
             out.stem.replace(".", "_"),
-            data["classes"],
+            contract.decode(contract.read_props(report.model))["classes"],
             max_batch_size=opts.triton_max_batch_size,
+            staging=staging,
         )
         report.triton_repo = str(repo)
-    write_text(out.with_suffix(".export.json"), json.dumps(report.as_dict(), indent=2) + "\n")
-    return report
 
 
-def _variant(report, name, model, out, reference, samples, labels, optimized=True, opts=None):
+def _variant(report, name, model, out, staging, reference, samples, labels, optimized=True,
+             opts=None):  # fmt: skip
     path = out.with_suffix(f".{name}.onnx")
     source = report.validation.source
     max_drop = opts.int8_max_drop if opts else INT8_MAX_DROP
     result = write_validated(
-        model, path, reference, samples, name, labels, source, optimized, max_drop
+        model, path, staging, reference, samples, name, labels, source, optimized, max_drop
     )
-    report.variants[name] = {"path": str(path), "report": result}
+    report.variants[name] = {"path": str(path), "report": result, "model": model}
 
 
-def _uint8_variants(report, module, out, samples, labels, opts) -> None:
+def _uint8_variants(report, module, out, samples, labels, opts, staging) -> None:
     """Beside each file written so far, its uint8-input twin (convforge.export.input_format):
     ``<name>.uint8.onnx``, ``<name>.fp16.uint8.onnx``, ``<name>.int8.uint8.onnx``.
 
@@ -312,13 +334,13 @@ def _uint8_variants(report, module, out, samples, labels, opts) -> None:
         pixels = input_format.pixels_of(samples, meta["mean"], meta["std"])
     reference = reference_logits(module, input_format.normalized(pixels, meta["mean"], meta["std"]))
     sources = {"fp32": (report.model, out)}
-    sources.update({k: (onnx.load(v["path"]), Path(v["path"])) for k, v in report.variants.items()})
+    sources.update({k: (v["model"], Path(v["path"])) for k, v in report.variants.items()})
     for name, (model, path) in sources.items():
         target = path.with_suffix(".uint8.onnx")
         optimized = not (name == "int8" and opts.int8_target == "tensorrt")  # as in _variant
         result = write_validated(
-            input_format.to_uint8_input(model), target, reference, pixels, name, labels,
-            report.validation.source, optimized, opts.int8_max_drop,
+            input_format.to_uint8_input(model), target, staging, reference, pixels, name,
+            labels, report.validation.source, optimized, opts.int8_max_drop,
         )  # fmt: skip
         report.variants[f"{name}.uint8"] = {"path": str(target), "report": result}
 
@@ -326,6 +348,7 @@ def _uint8_variants(report, module, out, samples, labels, opts) -> None:
 def write_validated(
     model: onnx.ModelProto,
     path: Path,
+    staging: Staging,
     reference: np.ndarray,
     samples: np.ndarray,
     precision: str,
@@ -334,47 +357,51 @@ def write_validated(
     accuracy_optimized: bool = True,
     int8_max_drop: float = INT8_MAX_DROP,
 ) -> ValidationReport:
-    """Write ``model`` to ``path`` only if the written file passes validation.
+    """Stage ``model`` for ``path`` in ``staging``, and check the staged file.
 
     The bytes go to a temporary file beside ``path``, which is read back
     through the file contract and run by the runtime's ``ort-cpu`` backend
-    (:mod:`convforge.export.validate`); only then is it renamed onto ``path``.
-    Raises :class:`ValidationFailed` (``path`` untouched) otherwise.
+    (:mod:`convforge.export.validate`); it becomes ``path`` when ``staging``
+    is published. Raises :class:`ValidationFailed` if the check fails.
     """
     expected = contract.read_props(model)
-    with staged(path) as tmp:
-        tmp.write_bytes(serialize(model))
-        check_metadata(tmp, expected)
-        report = validate(
-            tmp, reference, samples, precision, labels, source, accuracy_optimized, int8_max_drop
+    tmp = staging.file(path)
+    tmp.write_bytes(serialize(model))
+    check_metadata(tmp, expected)
+    report = validate(
+        tmp, reference, samples, precision, labels, source, accuracy_optimized, int8_max_drop
+    )
+    if not report.passed:
+        raise ValidationFailed(
+            f"{precision} export failed validation, {path.name} not written: {report.criterion}"
         )
-        if not report.passed:
-            raise ValidationFailed(
-                f"{precision} export failed validation, {path.name} not written: {report.criterion}"
-            )
     return report
 
 
-def _dataset(ck: dict) -> dict:
-    """The checkpoint's dataset and its split, as the ``dataset`` metadata key holds them."""
+def _dataset(ck: dict, opts: ExportOptions) -> dict:
+    """The dataset the export checks on (``--dataset``, else the checkpoint's) and its split,
+    as the ``dataset`` metadata key holds them."""
     train_cfg = ck.get("train_config", {})
     return {
-        "spec": ck["data_config"]["dataset"],
+        "spec": opts.dataset or ck["data_config"]["dataset"],
         "val_fraction": train_cfg.get("val_fraction", 0.1),
         "seed": train_cfg.get("seed", 0),
     }
 
 
 def _images(ck: dict, opts: ExportOptions):
-    """Validation samples + labels and calibration images from the checkpoint's dataset.
+    """Validation samples + labels and calibration images from the checkpoint's dataset, or
+    from ``opts.dataset`` (which must have the checkpoint's classes).
 
-    Returns (None, None, None) when that dataset cannot be loaded here (a
-    moved folder): the export then validates on random inputs.
+    When the checkpoint's dataset cannot be loaded here (a moved folder), a
+    plain export gets (None, None, None) and validates on random inputs; fp16
+    and int8, judged on real images, raise a UserError that names the folder
+    and ``--dataset``.
     """
     from convforge.builder.data import augment
     from convforge.builder.data.sources import load_dataset
 
-    data, dataset = ck["data_config"], _dataset(ck)
+    data, dataset = ck["data_config"], _dataset(ck, opts)
     try:
         bundle = load_dataset(
             dataset["spec"],
@@ -382,8 +409,23 @@ def _images(ck: dict, opts: ExportOptions):
             seed=dataset["seed"],
             channels=data["channels"],
         )
-    except UserError:
-        return None, None, None
+    except UserError as e:
+        if opts.dataset:
+            raise UserError(f"--dataset {opts.dataset}: {e}") from None
+        wanted = [flag for flag, on in (("--fp16", opts.fp16), ("--int8", opts.int8)) if on]
+        if not wanted:
+            return None, None, None
+        raise UserError(
+            f"{' and '.join(wanted)} {'need' if len(wanted) > 1 else 'needs'} the checkpoint's "
+            f"dataset to validate{' and calibrate' if opts.int8 else ''} on, and it cannot be "
+            f"loaded: {e}; pass --dataset {dataset['spec'].partition(':')[0]}:PATH with its "
+            "images where they are now"
+        ) from None
+    if opts.dataset and list(bundle.classes) != list(data["classes"]):
+        raise UserError(
+            f"--dataset {opts.dataset} has classes {_names(bundle.classes)}, but the checkpoint "
+            f"was trained on {_names(data['classes'])}"
+        )
     tf = augment.eval_transform(data["input_size"], data["mean"], data["std"], bundle.native_size)
     rng = np.random.default_rng(0)
 
@@ -396,3 +438,9 @@ def _images(ck: dict, opts: ExportOptions):
     samples, labels = take(bundle.val, opts.val_samples)
     calib = take(bundle.train, opts.calib_samples)[0] if opts.int8 else None
     return samples, labels, calib
+
+
+def _names(classes, shown: int = 5) -> str:
+    """``[a, b, c, ... (12)]``: a class list short enough for one line."""
+    more = f", ... ({len(classes)})" if len(classes) > shown else ""
+    return "[" + ", ".join(map(str, classes[:shown])) + more + "]"

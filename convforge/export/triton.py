@@ -18,17 +18,15 @@ the tests parse it with that protobuf.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 
 from convforge.errors import UserError, check_choice
-from convforge.files import atomic_write, ensure_dir
+from convforge.files import Staging, together
 
 PLATFORM = "onnxruntime_onnx"
 KINDS = ("KIND_CPU", "KIND_GPU")
@@ -71,14 +69,17 @@ def write_triton_repo(
     kind: str = "KIND_CPU",
     preferred_batch_sizes: list[int] | None = None,
     max_queue_delay_us: int = 2000,
+    staging: Staging | None = None,
 ) -> Path:
     """Write model ``name`` into the Triton repository ``repo_dir``; return its folder.
 
     ``repo_dir`` is created if missing. The model's folder is assembled in a
-    hidden staging folder beside it (every file via :func:`atomic_write`) and
-    then renamed into place, replacing an existing ``repo_dir/name`` folder
-    whole: no mix of old and new files is ever visible, and on failure the old
-    folder is left as it was.
+    hidden staging folder (:meth:`convforge.files.Staging.folder`) and then
+    renamed into place, replacing an existing ``repo_dir/name`` folder whole:
+    no mix of old and new files is ever visible, and on failure the old folder
+    is left as it was and no new folder appears. With ``staging``, the folder
+    is staged in it, for the caller to publish with its other files; then
+    ``onnx_path`` may be a file staged there too.
 
     The config has dynamic batching (``preferred_batch_sizes``, written sorted
     without repeats and left out when None or empty, and
@@ -113,6 +114,7 @@ def write_triton_repo(
     for tensor in (*inputs, *outputs):
         tensor.check_batch(max_batch_size)
     labelled = _labelled_output(outputs, len(classes))
+    shown = staging.final(source) if staging else source
     config = _config_text(
         name,
         max_batch_size,
@@ -123,26 +125,16 @@ def write_triton_repo(
         instance_count,
         preferred,
         max_queue_delay_us,
-        source.name,
+        shown.name,
     )
 
-    repo = ensure_dir(repo_dir)
-    target = repo / name
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise UserError(f"cannot write Triton model {target}: a file is in the way")
-    stage = _mkdtemp(repo, f".{name}.", ".tmp")
-    try:
-        (stage / VERSION).mkdir()
-        with open(source, "rb") as src, atomic_write(stage / VERSION / MODEL_FILE) as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        with atomic_write(stage / LABELS_FILE, "w") as f:
-            f.write(labels)
-        with atomic_write(stage / CONFIG_FILE, "w") as f:
-            f.write(config)
-        _swap_into_place(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    target = Path(repo_dir) / name
+    with together(staging) as group:
+        folder = group.folder(target)
+        (folder / VERSION).mkdir()
+        shutil.copyfile(source, folder / VERSION / MODEL_FILE)
+        (folder / LABELS_FILE).write_text(labels)
+        (folder / CONFIG_FILE).write_text(config)
     return target
 
 
@@ -311,33 +303,3 @@ def _check_int(what: str, value, low: int, high: int | None = None) -> None:
     if not ok or (high is not None and value > high):
         accepted = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
         raise UserError(f"{what} must be {accepted}, got {value!r}")
-
-
-def _mkdtemp(folder: Path, prefix: str, suffix: str) -> Path:
-    try:
-        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder))
-    except PermissionError:
-        raise UserError(f"cannot write into {folder}: permission denied") from None
-
-
-def _swap_into_place(stage: Path, target: Path) -> None:
-    """Rename the finished ``stage`` folder to ``target``, replacing an old one whole.
-
-    Two renames on one filesystem: the old folder moves aside (still complete),
-    the new one moves in, then the old one is deleted. If the second rename
-    fails, the old folder is moved back.
-    """
-    if not target.exists():
-        os.rename(stage, target)
-        return
-    trash = _mkdtemp(target.parent, f".{target.name}.", ".old")
-    previous = trash / target.name
-    os.rename(target, previous)
-    try:
-        os.rename(stage, target)
-    except BaseException:
-        os.rename(previous, target)
-        raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(trash)

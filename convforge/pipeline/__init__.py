@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convforge.errors import UserError
-from convforge.files import write_text
+from convforge.files import together
 from convforge.pipeline.recipe import Recipe, load_recipe
 from convforge.pipeline.stages import STAGES, Run
 
@@ -40,6 +40,8 @@ def run_pipeline(
 ) -> Outcome:
     """Run (or reuse) every stage of ``recipe`` into ``out``, then write the report.
 
+    Each stage's files appear together when it finishes, or not at all
+    (:mod:`.stages`); the report's three files likewise.
     ``log`` takes a line per stage; ``progress`` shows the training log and bars."""
     from convforge.pipeline import report
     from convforge.runtime.plan import Plan
@@ -52,6 +54,8 @@ def run_pipeline(
         run.run(stage)
     plan = Plan.read(out / "plan.json")
     doc = report.build(recipe, out, run.results, plan, run.reused)
-    md, html = doc.write(out)
-    write_text(out / "report.json", json.dumps(run.results, indent=2, default=str) + "\n")
+    with together() as staging:
+        md, html = doc.write(out, staging=staging)
+        results = json.dumps(run.results, indent=2, default=str) + "\n"
+        staging.file(out / "report.json").write_text(results, encoding="utf-8")
     return Outcome(out, md, html, run.results, run.reused, time.perf_counter() - started)

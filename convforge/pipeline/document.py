@@ -6,7 +6,7 @@ self-contained HTML file (styles inline, images embedded as data URIs, no extern
     doc.text("best validation accuracy **98.3%** (`train/best.pt`)")
     doc.table(["epoch", "val acc"], [[1, "90.1%"]])
     doc.image("train/curves.png", "training curves")
-    doc.write(Path("runs/default"))       # report.md and report.html, atomically
+    doc.write(Path("runs/default"))       # report.md and report.html, together
 
 Text may use ``**bold**`` and ```code``` and nothing else of Markdown, so both
 renderings say the same thing.
@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convforge.files import write_text
+from convforge.files import Staging, together
 
 _INLINE = re.compile(r"\*\*(.+?)\*\*|`(.+?)`")
 _NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?%?$|^-$|^[-+]?[\d.e+-]+ - [\d.e+-]+$")
@@ -162,11 +162,15 @@ class Document:
             f"<body>\n{body}\n</body>\n</html>\n"
         )
 
-    def write(self, folder: Path, stem: str = "report") -> tuple[Path, Path]:
-        """``<stem>.md`` and ``<stem>.html`` in ``folder``, each written atomically."""
+    def write(
+        self, folder: Path, stem: str = "report", staging: Staging | None = None
+    ) -> tuple[Path, Path]:
+        """``<stem>.md`` and ``<stem>.html`` in ``folder``, published together (with
+        ``staging``: staged in it, for the caller to publish)."""
         md, page = folder / f"{stem}.md", folder / f"{stem}.html"
-        write_text(md, self.markdown())
-        write_text(page, self.html(folder))
+        with together(staging) as group:
+            group.file(md).write_text(self.markdown(), encoding="utf-8")
+            group.file(page).write_text(self.html(folder), encoding="utf-8")
         return md, page
 
 

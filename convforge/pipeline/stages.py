@@ -5,18 +5,22 @@
         run.run(stage)
 
 Each stage has a fingerprint: a hash of its own recipe settings and the
-fingerprints of the stages it reads from. When a stage finishes, its result
-(a small JSON record the report is built from) is stamped into
-``<run>/.stages/<name>.json`` with the fingerprint, atomically. A later run
+fingerprints of the stages it reads from. A stage writes its files through
+:meth:`Run.output` (staged under temporary names); when it finishes, they
+replace their old versions together with its stamp: its result (a small JSON
+record the report is built from) with the fingerprint, in
+``<run>/.stages/<name>.json``. A stage that fails leaves no new file and
+every old one as it was. A later run
 with the same fingerprint, and every output still there, reuses the stamp
 instead of running again; a changed setting upstream changes every
 fingerprint below it, so exactly the stages that depend on it rerun.
 ``force`` reruns everything.
 
-An interrupted run has no stamp for the stage it was in. Training resumes
-from its ``last.pt`` when that run was started with the same fingerprint
-(``.stages/<name>.started``); the other stages are short and start over,
-writing their files atomically, so nothing half-written is ever reused.
+An interrupted run has no stamp for the stage it was in. Training runs in
+``.stages/<name>.partial`` and replaces ``<name>/`` whole when it is done;
+interrupted, it resumes from that folder's ``last.pt`` when it was started
+with the same fingerprint (``.stages/<name>.started``). The other stages are
+short and start over, so nothing half-written is ever reused.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convforge import __version__
-from convforge.files import ensure_dir, write_text
+from convforge.files import Staging, ensure_dir, together, write_text
 from convforge.pipeline.recipe import Recipe
 
 STAMPS = ".stages"
@@ -60,6 +64,7 @@ class Run:
         self.fingerprints: dict[str, str] = {}
         self.reused: list[str] = []
         self.started_fingerprint: str | None = None  # of the stage running now
+        self.staging: Staging | None = None  # the running stage's files, until it finishes
         self._data = None
 
     def run(self, stage: Stage) -> None:
@@ -82,12 +87,20 @@ class Run:
         self.log(f"{stage.name}: running ...")
         started = time.perf_counter()
         self.started_fingerprint = fp
-        result = stage.body(self)
-        seconds = time.perf_counter() - started
-        finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        record = {"fingerprint": fp, "seconds": round(seconds, 1), "finished": finished,
-                  "result": result}  # fmt: skip
-        write_text(stamp, json.dumps(record, indent=2) + "\n")
+        try:
+            with together() as self.staging:  # its outputs, then its stamp, or nothing
+                result = stage.body(self)
+                seconds = time.perf_counter() - started
+                finished = datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                )
+                record = {"fingerprint": fp, "seconds": round(seconds, 1),
+                          "finished": finished, "result": result}  # fmt: skip
+                self.output(stamp.relative_to(self.out)).write_text(
+                    json.dumps(record, indent=2) + "\n", encoding="utf-8"
+                )
+        finally:
+            self.staging = None
         self.results[stage.name] = result
         self.log(f"{stage.name}: done in {seconds:.0f} s")
 
@@ -100,6 +113,11 @@ class Run:
                           sort_keys=True, default=str)  # fmt: skip
         self.fingerprints[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self.fingerprints[stage.name]
+
+    def output(self, name: str | Path) -> Path:
+        """Where the running stage writes its file ``name`` (relative to the run folder): a
+        temporary path that becomes ``<run>/<name>`` when the stage finishes."""
+        return self.staging.file(self.out / name)
 
     def data(self):
         """The training dataset, split as the train stage splits it (loaded once)."""
@@ -140,11 +158,11 @@ def _data(run: Run) -> dict:
     aug = cfg.augment.resolved(flip_safe=bundle.flip_safe)
     stats = channel_stats(bundle.train, seed=cfg.seed)
     preview_grid(bundle.train, aug, cfg.input_size, stats.mean, stats.std, bundle.native_size,
-                 run.out / "data.png", samples=report.samples, variants=report.variants,
+                 run.output("data.png"), samples=report.samples, variants=report.variants,
                  seed=cfg.seed)  # fmt: skip
     images, labels = run.val_images()
     sample = "sample.png"
-    Image.fromarray(images[0]).save(run.out / sample)
+    Image.fromarray(images[0]).save(run.output(sample), format="PNG")
     return {
         "description": bundle.description,
         "classes": list(bundle.classes),
@@ -172,7 +190,7 @@ def _init(run: Run) -> dict:
         config = ModelConfig("plain", stem="small", norm="none", activation=activation)
         runs = di.run_init_experiment(config, list(INITS))
         plot = f"init-{activation}.png"
-        di.plot_init_experiment(runs, run.out / plot)
+        di.plot_init_experiment(runs, run.output(plot))
         result["activations"][activation] = {
             "table": di.format_runs(runs),
             "ratios": {r.config.init: r.depth_ratio for r in runs},
@@ -187,21 +205,24 @@ def _init(run: Run) -> dict:
 
 
 def _train_run(run: Run, name: str, start: Callable[[object], object]) -> dict:
-    """Train into ``<run>/<name>``: resume its last.pt when the same run was interrupted,
-    else start afresh with ``start(cfg)`` (a stale folder of other settings is removed)."""
+    """Train into ``<run>/<name>``, which the finished stage replaces whole (an older folder
+    stays until then). Training happens in ``.stages/<name>.partial``: its last.pt is resumed
+    when the same run was interrupted, else the folder is cleared and ``start(folder)``
+    trains afresh."""
     from convforge.builder.training.trainer import train
 
-    folder = run.out / name
+    partial = _partial(run, name)
     started = run.out / STAMPS / f"{name}.started"
-    last = folder / "last.pt"
+    last = partial / "last.pt"
     if not run.force and last.exists() and _read_text(started) == run.started_fingerprint:
         run.log(f"{name}: resuming the interrupted run from {last}")
         result = train(None, None, resume=last, progress=run.progress)
     else:
-        if folder.exists():
-            shutil.rmtree(folder)
+        if partial.exists():
+            shutil.rmtree(partial)
         write_text(started, run.started_fingerprint)
-        result = start(folder)
+        result = start(partial)
+    run.staging.adopt(partial, run.out / name)  # kept for resuming if the stage fails
     best = result.history[result.best_epoch - 1]
     return {
         "folder": name,
@@ -244,8 +265,14 @@ def _train(run: Run) -> dict:
 
     result = _train_run(run, "train", start)
     if recipe.finetune is not None:
-        result["transfer"] = _transfer_record(run.out / result["checkpoint"])
+        result["transfer"] = _transfer_record(_partial(run, "train") / "best.pt")
     return result
+
+
+def _partial(run: Run, name: str) -> Path:
+    """The folder training ``name`` runs in until the stage finishes and it becomes
+    ``<run>/<name>``."""
+    return run.out / STAMPS / f"{name}.partial"
 
 
 def _transfer_record(checkpoint: Path) -> dict:
@@ -262,10 +289,12 @@ def _export(run: Run) -> dict:
     from convforge.export import export_checkpoint
 
     checkpoint = run.out / run.results["train"]["checkpoint"]
-    report = export_checkpoint(checkpoint, run.out / "model.onnx", run.recipe.export)
+    report = export_checkpoint(
+        checkpoint, run.out / "model.onnx", run.recipe.export, staging=run.staging
+    )
     record = report.as_dict()
-    write_text(run.out / "export.json", json.dumps(record, indent=2) + "\n")
-    write_text(run.out / "export.txt", report.format() + "\n")
+    run.output("export.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    run.output("export.txt").write_text(report.format() + "\n", encoding="utf-8")
     files = [report.onnx, *(v["path"] for v in record["variants"].values())]
     record["outputs"] = [Path(f).name for f in files] + ["export.json", "export.txt"]
     record["text"] = report.format()
@@ -282,7 +311,7 @@ def _tune(run: Run) -> dict:
     section = run.recipe.tune
     plan = tune(run.model_files(), images, labels, section.settings, section.backends,
                 progress=run.progress, dataset=run.recipe.train.dataset)  # fmt: skip
-    plan.write(run.out / "plan.json")
+    plan.write(run.output("plan.json"))
     return {"plan": "plan.json", "outputs": ["plan.json"]}
 
 
@@ -297,8 +326,8 @@ def _bench(run: Run) -> dict:
         skip_failures=True,
     )  # fmt: skip
     env = bench.environment()
-    bench.write_json(run.out / "bench.json", records, env)
-    bench.plot(run.out / "latency.png", records)
+    bench.write_json(run.output("bench.json"), records, env)
+    bench.plot(run.output("latency.png"), records)
     return {
         "records": records,
         "skipped": skipped,

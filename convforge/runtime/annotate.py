@@ -7,7 +7,8 @@ convforge's exports (:func:`convforge.contract.read_info` finds everything in
 it). Only ``metadata_props`` change: the graph, its weights and its names are
 copied as they are, and the written file is checked to give the same logits
 as the original on one random batch, with the same backend, before it
-replaces anything (written atomically). Whatever is not given is the default
+replaces anything: the checked file is the one renamed onto the output, and
+a failure leaves no file behind (nor a changed output). Whatever is not given is the default
 a file without metadata gets (ImageNet statistics, resize to input / 0.875),
 written out, so the file says what it runs with.
 """
@@ -15,14 +16,13 @@ written out, so the file says what it runs with.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
 
 from convforge import __version__, contract
 from convforge.errors import UserError, check_int
-from convforge.files import atomic_write
+from convforge.files import Staging, together
 
 
 def annotate(
@@ -52,7 +52,7 @@ def annotate(
     contract.write_props(model, contract.encode({
         k: v for k, v in (("layout", layout), ("output", output)) if v is not None
     }))  # fmt: skip
-    with _scratch(model, out, "reference") as reference:
+    with _scratch(model, out) as reference:
         return _annotate(source, out, model, reference, labels, mean, std, resize, backend)
 
 
@@ -81,25 +81,30 @@ def _annotate(source, out, model, reference, labels, mean, std, resize, backend)
     if labels is not None:
         values["classes"] = _labels(labels, model, info.output_name)
     contract.write_props(model, contract.encode(values))
-    with _scratch(model, out, "annotated") as path:  # checked before ``out`` is replaced
+    with together() as staging:  # the checked bytes are what replaces ``out``
+        path = staging.file(out)
+        _write(path, model, out)
         checked = _same_logits(source, reference, path, backend)
-    with atomic_write(out) as f:
-        f.write(model.SerializeToString())
     return {"path": str(out), "metadata": values, "checked": checked}
 
 
 @contextlib.contextmanager
-def _scratch(model, out: Path, tag: str):
-    """``model`` written to a scratch .onnx beside ``out``, removed afterwards."""
-    scratch = out.with_name(f".{out.stem}.{os.getpid()}.{tag}.onnx")
+def _scratch(model, out: Path):
+    """``model`` written to a hidden scratch .onnx beside ``out``, always removed afterwards."""
+    staging = Staging()  # never published: only its temporary name and clean-up are used
     try:
-        scratch.write_bytes(model.SerializeToString())
+        path = staging.file(out)
+        _write(path, model, out)
+        yield path
+    finally:
+        staging.discard()
+
+
+def _write(path: Path, model, out: Path) -> None:
+    try:
+        path.write_bytes(model.SerializeToString())
     except OSError as e:
         raise UserError(f"cannot write beside {out}: {e}") from None
-    try:
-        yield scratch
-    finally:
-        scratch.unlink(missing_ok=True)
 
 
 def _per_channel(flag: str, given, default: list[float], channels: int) -> list[float]:

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -154,3 +155,36 @@ def test_help_explains_itself(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert "usage: convforge" in capsys.readouterr().out
+
+
+def test_diagnose_init_writes_both_files_or_neither(tmp_path, capsys, monkeypatch):
+    """The spread over seeds fails after the plot is made: no new folder, no plot, and an
+    earlier run's files in an existing folder stay as they were."""
+    from convforge.builder import diagnose_init
+    from convforge.errors import UserError
+
+    def broken(*args, **kwargs):
+        raise UserError("the spread cannot be measured")
+
+    monkeypatch.setattr(diagnose_init, "ratio_spread", broken)
+    argv = ["diagnose", "init", "--depth", "2", "--seeds", "2", "--out"]
+    assert main([*argv, str(tmp_path / "new")]) == 2
+    assert "the spread cannot be measured" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "init-plain-relu-none.png").write_bytes(b"an earlier plot")
+    assert main([*argv, str(tmp_path / "old")]) == 2
+    assert os.listdir(tmp_path / "old") == ["init-plain-relu-none.png"]
+    assert (tmp_path / "old" / "init-plain-relu-none.png").read_bytes() == b"an earlier plot"
+
+
+def test_augment_preview_leaves_no_new_folder_on_failure(tmp_path, capsys, monkeypatch):
+    from convforge.builder.data import preview
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(preview, "preview_grid", broken)
+    with pytest.raises(OSError):
+        main(["augment-preview", "--out", str(tmp_path / "new" / "grid.png")])
+    assert os.listdir(tmp_path) == []

@@ -236,3 +236,111 @@ def test_uint8_input_variants_match_their_float_twins(checkpoint, tmp_path):
     with load(out, "ort-cpu") as f, load(tmp_path / "m.uint8.onnx", "ort-cpu") as u:
         want = f.logits(normalized(pixels, f.info.mean, f.info.std))
         assert np.abs(u.logits(pixels) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _tree(folder) -> dict:
+    """Every path under ``folder`` (hidden ones included) -> its bytes (None: a folder)."""
+    return {
+        str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _boom(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+# Each step of an export, made to fail: (what to patch, the options that reach it).
+FAILING_STEPS = {
+    "pt2 program": ("convforge.export.exporter.save_program", {}),
+    "fp16": ("convforge.export.precision.to_fp16", {"fp16": True}),
+    "fp16 validation": ("convforge.export.validate.FP16_MIN_AGREEMENT", {"fp16": True}),
+    "int8": ("convforge.export.int8_accuracy.int8_within_budget", {"int8": True}),
+    "uint8": ("convforge.export.input_format.to_uint8_input", {"input_format": "uint8"}),
+    "triton": ("convforge.export.triton._config_text", {"fp16": True, "triton_repo": "repo"}),
+    "report": (
+        "convforge.export.exporter.ExportReport.as_dict",
+        {"fp16": True, "input_format": "uint8", "triton_repo": "repo"},
+    ),
+}
+
+
+@pytest.mark.parametrize("step", list(FAILING_STEPS))
+def test_a_failing_step_leaves_no_new_file_and_every_old_one(step, checkpoint, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    """All or nothing: whichever step fails, the export's files, new or replacing older
+    ones, appear together or not at all (an older export of the same name stays whole)."""
+    target, options = FAILING_STEPS[step]
+    out = tmp_path / "m.onnx"
+    for name in ("m.onnx", "m.pt2", "m.fp16.onnx", "m.export.json", "repo/m/config.pbtxt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"an older {name}")
+    before = _tree(tmp_path)
+    if options.get("triton_repo"):
+        options = {**options, "triton_repo": str(tmp_path / "repo")}
+    opts = ExportOptions(val_samples=32, calib_samples=32, **options)
+    monkeypatch.setattr(target, 2.0 if target.endswith("AGREEMENT") else _boom)
+    with pytest.raises((OSError, UserError)):
+        export_checkpoint(checkpoint, out, opts)
+    assert _tree(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def moved_dataset(tmp_path_factory):
+    """(checkpoint, folder): a tiny model trained on ``imagefolder:<folder>/data``, whose
+    images have since moved to ``<folder>/moved``."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("moved")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (folder / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            pixels = (rng.random((16, 16, 3)) * 80 + c * 80).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / "data" / f"c{c}" / f"{i}.png")
+    cfg = TrainConfig(dataset=f"imagefolder:{folder / 'data'}", input_size=16, epochs=1,
+                      batch_size=8, out=str(folder / "run"))  # fmt: skip
+    model = recipe_model("plain", 16, options={"depth": 1, "width": 4})
+    train(model, cfg, progress=False)
+    (folder / "data").rename(folder / "moved")
+    return folder / "run" / "best.pt", folder
+
+
+@pytest.mark.parametrize("flag", ["--fp16", "--int8"])
+def test_a_moved_dataset_is_one_line_naming_it_and_dataset(flag, moved_dataset, tmp_path, capsys):
+    checkpoint, folder = moved_dataset
+    (tmp_path / "m.onnx").write_text("an older export")
+    before = _tree(tmp_path)
+    assert main(["export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"convforge: error: {flag} needs the checkpoint's dataset")
+    assert f"folder {folder / 'data'} does not exist" in err
+    assert "pass --dataset imagefolder:PATH" in err and err.count("\n") == 1
+    assert _tree(tmp_path) == before
+
+
+def test_dataset_points_export_at_the_moved_images(moved_dataset, tmp_path):
+    checkpoint, folder = moved_dataset
+    out = tmp_path / "m.onnx"
+    report = out.with_suffix(".export.json")
+    assert main(["export", str(checkpoint), "-o", str(out)]) == 0  # plain fp32: random inputs
+    assert json.loads(report.read_text())["validation"]["source"] == "random"
+    spec = f"imagefolder:{folder / 'moved'}"
+    assert main(["export", str(checkpoint), "-o", str(out), "--dataset", spec]) == 0
+    assert json.loads(report.read_text())["validation"]["source"] == "dataset"
+    assert contract.read_info(out).metadata["dataset"]["spec"] == spec
+
+
+def test_dataset_with_other_classes_is_refused(moved_dataset, tmp_path, capsys):
+    checkpoint, folder = moved_dataset
+    other = tmp_path / "other"
+    for name in ("c0", "c1", "x"):
+        (other / name).mkdir(parents=True)
+        for f in (folder / "moved" / "c0").iterdir():
+            (other / name / f.name).write_bytes(f.read_bytes())
+    argv = ["export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--fp16",
+            "--dataset", f"imagefolder:{other}"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has classes [c0, c1, x], but the checkpoint was trained on [c0, c1, c2]" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]

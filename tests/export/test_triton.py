@@ -172,10 +172,14 @@ def test_failure_leaves_the_old_folder_and_no_debris(tiny_onnx, tmp_path, monkey
     write_triton_repo(tiny_onnx, tmp_path, "tiny", CLASSES, max_batch_size=4)
     before = (tmp_path / "tiny" / "config.pbtxt").read_text()
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    real = os.replace
 
-    monkeypatch.setattr("convforge.export.triton._swap_into_place", broken)
+    def broken(src, dst):  # the new folder cannot be moved in
+        if Path(dst) == tmp_path / "tiny":
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr("convforge.files.os.replace", broken)
     with pytest.raises(OSError, match="disk full"):
         write_triton_repo(tiny_onnx, tmp_path, "tiny", CLASSES, max_batch_size=8)
     assert os.listdir(tmp_path) == ["tiny"]

@@ -55,3 +55,22 @@ def test_write_puts_both_files_in_the_folder(tmp_path):
     md, page = _doc(tmp_path).write(tmp_path)
     assert md.read_text().startswith("# a <report>")
     assert page.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_a_failed_rendering_writes_neither_file(tmp_path, monkeypatch):
+    """report.md and report.html appear together: when the HTML cannot be made, the
+    Markdown of this run is not left beside the previous run's HTML."""
+    import pytest
+
+    doc = _doc(tmp_path)
+    (tmp_path / "report.md").write_text("previous md")
+    (tmp_path / "report.html").write_text("previous html")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+
+    def broken(self, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Document, "html", broken)
+    with pytest.raises(OSError):
+        doc.write(tmp_path)
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before

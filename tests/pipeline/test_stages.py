@@ -2,6 +2,7 @@
 resume after an interruption (training from its last.pt)."""
 
 import dataclasses
+import os
 from unittest import mock
 
 import pytest
@@ -118,28 +119,36 @@ def test_training_resumes_from_last_pt_after_an_interruption(tmp_path):
     with mock.patch.object(trainer._Run, "_epoch", stop_in_epoch_two):
         with pytest.raises(KeyboardInterrupt):
             run.run(train)
-    assert (tmp_path / "train" / "last.pt").exists()
+    assert (tmp_path / ".stages" / "train.partial" / "last.pt").exists()
+    assert not (tmp_path / "train").exists()  # appears only when the stage finishes
     run = Run(TINY, tmp_path, log=lines.append)
     with mock.patch.object(trainer._Run, "_epoch", autospec=True, side_effect=real) as epoch:
         run.run(train)
     assert [c.args[1] for c in epoch.call_args_list] == [1]  # only epoch 2 ran again
     assert any("resuming the interrupted run" in line for line in lines)
     assert run.results["train"]["epochs"] == 2 and len(run.results["train"]["history"]) == 2
+    assert (tmp_path / "train" / "best.pt").exists()
+    assert not (tmp_path / ".stages" / "train.partial").exists()
 
 
 def test_changed_training_settings_start_afresh(tmp_path):
-    """A last.pt from other settings is not resumed: the folder is cleared and training starts
-    over (so a stale best.pt can never be taken for the new run's)."""
+    """A last.pt from other settings is not resumed: its folder is cleared and training starts
+    over (so a stale best.pt can never be taken for the new run's). The finished training of
+    earlier settings stays until the new one has finished."""
     (tmp_path / ".stages").mkdir()
     (tmp_path / ".stages" / "train.started").write_text("another fingerprint")
+    (tmp_path / ".stages" / "train.partial").mkdir()
+    (tmp_path / ".stages" / "train.partial" / "last.pt").write_text("stale")
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "last.pt").write_text("stale")
+    (tmp_path / "train" / "best.pt").write_text("earlier run")
     started = []
     train = next(s for s in stages.STAGES if s.name == "train")
     with mock.patch("convforge.builder.training.trainer.train", side_effect=KeyboardInterrupt):
         with pytest.raises(KeyboardInterrupt):
             Run(TINY, tmp_path, log=started.append).run(train)
-    assert not (tmp_path / "train").exists()
+    assert not (tmp_path / ".stages" / "train.partial" / "last.pt").exists()
+    assert os.listdir(tmp_path / "train") == ["best.pt"]
+    assert (tmp_path / "train" / "best.pt").read_text() == "earlier run"
     assert not any("resuming" in line for line in started)
 
 
@@ -171,3 +180,62 @@ def test_transfer_recipe_pretrains_then_fine_tunes(tmp_path):
 
     ck = load_checkpoint(tmp_path / "train" / "best.pt")
     assert ck["model_config"]["num_classes"] == 10 and ck["model_config"]["in_channels"] == 1
+
+
+def _tree(folder) -> dict:
+    """Every path under ``folder`` (hidden ones included) -> its bytes (None: a folder)."""
+    return {
+        str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _boom(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_stage_that_fails_leaves_no_new_file_and_every_old_one(tmp_path, monkeypatch):
+    """The data stage writes data.png, then cannot write sample.png: the run folder is as
+    it was, its earlier data.png included, and the stage has no stamp (only the bookkeeping
+    folder .stages is new)."""
+    data = next(s for s in stages.STAGES if s.name == "data")
+    run = Run(TINY, tmp_path, log=lambda *a: None)
+    (tmp_path / "data.png").write_bytes(b"an earlier grid")
+    before = _tree(tmp_path)
+    monkeypatch.setattr(Run, "val_images", _boom)
+    with pytest.raises(OSError):
+        run.run(data)
+    assert _tree(tmp_path) == {**before, ".stages": None}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run folder holding a tiny model trained one epoch on 16 px digits in train/."""
+    from convforge.builder.training.config import TrainConfig, recipe_model
+    from convforge.builder.training.trainer import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(input_size=16, epochs=1, out=str(out / "train"))
+    train(recipe_model("plain", 16, options={"depth": 1, "width": 4}), cfg, progress=False)
+    return out
+
+
+def test_the_export_stage_is_all_or_nothing(trained, tmp_path, monkeypatch):
+    """export.txt cannot be written: neither the model files nor the reports of this run
+    appear, and an earlier model.onnx stays."""
+    import shutil
+
+    shutil.copytree(trained / "train", tmp_path / "train")
+    (tmp_path / "model.onnx").write_bytes(b"an earlier export")
+    before = _tree(tmp_path)
+    export = next(s for s in stages.STAGES if s.name == "export")
+    run = Run(TINY, tmp_path, log=lambda *a: None)
+    run.results["train"] = {"checkpoint": "train/best.pt"}
+    monkeypatch.setattr("convforge.export.exporter.ExportReport.format", _boom)
+    with pytest.raises(OSError):
+        run.run(export)
+    assert _tree(tmp_path) == {**before, ".stages": None}
+    monkeypatch.undo()
+    run.run(export)
+    assert {"model.onnx", "model.pt2", "export.json", "export.txt"} <= set(os.listdir(tmp_path))
+    assert (tmp_path / ".stages" / "export.json").exists()

@@ -166,3 +166,22 @@ def test_a_non_square_input_is_refused(tmp_path):
     onnx.save(model, tmp_path / "wide.onnx")
     with pytest.raises(UserError, match="input is 8x16; annotate takes square"):
         annotate(tmp_path / "wide.onnx", tmp_path / "a.onnx")
+
+
+def test_a_full_disk_leaves_no_file_and_the_old_output(two_outputs, tmp_path, monkeypatch):
+    """Writing stops halfway (disk full): one line, no scratch or partial file, and an
+    earlier annotated file of the same name is left as it was."""
+    from pathlib import Path
+
+    (tmp_path / "a.onnx").write_bytes(b"an older annotated file")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+
+    def half_then_full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(UserError, match="No space left on device"):
+        annotate(two_outputs, tmp_path / "a.onnx")
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
