@@ -20,7 +20,13 @@ from convforge.cli.options import (
     csv,
     settings_from,
 )
-from convforge.cli.tune import PLAN_HELP, bench_with_plan, serve_with_plan, use_plan
+from convforge.cli.tune import (
+    FORCE_PLAN_HELP,
+    PLAN_HELP,
+    bench_with_plan,
+    serve_with_plan,
+    use_plan,
+)
 from convforge.errors import UserError
 
 BACKEND_HELP = "auto, ort-cpu, ort-cuda, ort-trt, tensorrt, openvino or torch"
@@ -40,6 +46,7 @@ def predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help=f"{BACKEND_HELP} (default: auto)")
     add_backend_options(p, "torch.device=cuda")
     p.add_argument("--plan", help=PLAN_HELP + " (the entry closest to the number of images)")
+    p.add_argument("--force-plan", action="store_true", help=FORCE_PLAN_HELP)
     add_model_overrides(p)
     p.add_argument(
         "-v", "--verbose", action="store_true", help="say which backends auto skipped, and why"
@@ -58,7 +65,7 @@ def cmd_predict(args) -> int:
     options = backend_options(args.set, BACKENDS)
     if args.plan:
         conflicts = {"--backend": args.backend != "auto", "--set": bool(args.set)}
-        plan = use_plan(args.plan, [args.model], conflicts)
+        plan = use_plan(args.plan, [args.model], conflicts, force=args.force_plan)
         opened = plan.load_model(min(len(args.images), 32), check=False)
     else:
         opened = load(args.model, backend=args.backend, **options.get(args.backend, {}))
@@ -119,6 +126,7 @@ def bench_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--plan", help=PLAN_HELP + ": the entry closest to each batch size (default: the plan's)"
     )
+    g.add_argument("--force-plan", action="store_true", help=FORCE_PLAN_HELP)
     g.add_argument(
         "--threshold",
         type=float,
@@ -272,6 +280,7 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
     add_settings(p, BatchingConfig, "batching")
     add_backend_options(p, "ort-cpu.threads=2")
     p.add_argument("--plan", help=PLAN_HELP + " (the entry closest to --max-batch-size)")
+    p.add_argument("--force-plan", action="store_true", help=FORCE_PLAN_HELP)
     add_model_overrides(p)
     p.set_defaults(func=cmd_serve)
 

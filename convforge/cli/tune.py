@@ -18,7 +18,10 @@ as tuned: predict takes the entry closest to the number of images (at most
 32, its chunk), bench the entry closest to each batch size (default: the
 plan's), serve the entry closest to ``--max-batch-size`` (under load the
 batcher fills batches up to it). ``--backend``/``--backends``/``--set`` with
-``--plan`` are an error: the plan says what runs.
+``--plan`` are an error: the plan says what runs. A plan runs only files inside
+its own folder, and only as they were when tuned: a changed file (sha256) is an
+error unless ``--force-plan`` (then a warning). The plan is written beside the
+models (or in a folder above them), so tune refuses an output folder elsewhere.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from convforge.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PLAN_HELP = "a plan from `convforge tune`: run its backend, file and options"
+FORCE_PLAN_HELP = "with --plan: run its files even if they changed since tuning (warns)"
 
 
 def tune_parser(p: argparse.ArgumentParser) -> None:
@@ -73,6 +77,7 @@ def tune_parser(p: argparse.ArgumentParser) -> None:
 def cmd_tune(args) -> int:
     from convforge.contract import read_info
     from convforge.runtime.backends import BACKENDS
+    from convforge.runtime.plan import plan_path
     from convforge.runtime.tune import TuneConfig, tune
 
     extras.require_engine("convforge tune")
@@ -92,6 +97,8 @@ def cmd_tune(args) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    for path in args.models:
+        plan_path(path, out)  # UserError: a plan names files inside its own folder only
     if args.dataset and args.images:
         raise UserError("give --dataset or --images, not both")
     images, labels, dataset = _accuracy_data(args)
@@ -164,12 +171,13 @@ def format_plan(plan) -> str:
     rows = [
         [
             r["batch_size"], r["backend"], Path(r["file"]).name, _options(r["options"]),
-            num(r["accuracy_delta_points"], 2), num(r["p50_ms"], 3), num(r["p99_ms"], 3),
-            num(r["throughput_ips"], 1), r["status"], r["why"] if r["status"] != "chosen" else "",
+            r["precision"] or "-", num(r["accuracy_delta_points"], 2), num(r["p50_ms"], 3),
+            num(r["p99_ms"], 3), num(r["throughput_ips"], 1), r["status"],
+            r["why"] if r["status"] != "chosen" else "",
         ]
         for r in sorted(plan.candidates, key=lambda r: (r["batch_size"], r["p50_ms"] or 1e30))
     ]  # fmt: skip
-    headers = ["batch", "backend", "file", "settings", "top-1 pts", "p50 ms", "p99 ms",
+    headers = ["batch", "backend", "file", "settings", "precision", "top-1 pts", "p50 ms", "p99 ms",
                "images/s", "status", "why"]  # fmt: skip
     acc = plan.accuracy
     metric = "top-1" if acc["metric"] == "top1" else "top-1 agreement with the fp32 file"
@@ -206,16 +214,18 @@ def _options(options: dict) -> str:
 # -- --plan for predict, bench and serve -------------------------------------------------------
 
 
-def use_plan(path: str, models: list[str], conflicts: dict[str, bool]):
+def use_plan(path: str, models: list[str], conflicts: dict[str, bool], force: bool = False):
     """The plan at ``path`` after checking that no option in ``conflicts`` was given (the
     plan says what runs), that every file in ``models`` belongs to it, and the machine
-    (a warning when the plan was measured elsewhere)."""
+    (a warning when the plan was measured elsewhere). ``force`` (--force-plan): its
+    changed files run, with a warning, instead of being an error (:attr:`Plan.force`)."""
     from convforge.runtime.plan import Plan
 
     given = [flag for flag, set_ in conflicts.items() if set_]
     if given:
         raise UserError(f"--plan runs the plan's backend and options; drop {' and '.join(given)}")
     plan = Plan.read(path)
+    plan.force = force
     for model in models:
         plan.check_model(model)
     plan.check_environment()
@@ -229,7 +239,7 @@ def bench_with_plan(args, cfg, labelled) -> list[dict]:
     from convforge.runtime.plan import bench_plan
 
     plan = use_plan(args.plan, args.models, {"--backends": args.backends != "available",
-                                             "--set": bool(args.set)})  # fmt: skip
+                                             "--set": bool(args.set)}, args.force_plan)  # fmt: skip
     if cfg.batch_sizes == BenchConfig().batch_sizes:
         cfg = dataclasses.replace(cfg, batch_sizes=tuple(e.batch_size for e in plan.entries))
     if not args.json:
@@ -247,7 +257,8 @@ def serve_with_plan(args, models: dict[str, str], batching):
     if len(models) != 1:
         raise UserError(f"--plan serves one model (its plan's), got {len(models)}")
     plan = use_plan(args.plan, list(models.values()), {"--backend": args.backend != "auto",
-                                                       "--set": bool(args.set)})  # fmt: skip
+                                                       "--set": bool(args.set)},
+                    args.force_plan)  # fmt: skip
     entry = plan.entry(batching.max_batch_size)
     plan.check_file(entry)
     (name,) = models

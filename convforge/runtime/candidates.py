@@ -8,19 +8,25 @@ options are exactly what :func:`convforge.runtime.backends.create` gets.
 
 * ort-cpu: threads (all physical cores, the default, and 1) x graph
   optimization level (all, basic);
-* openvino: the LATENCY and THROUGHPUT performance hints. Streams and a
-  static-shape compile are left out: the backend runs one synchronous infer
-  request, which one stream serves, and a static-shape compile per batch size
-  measured no gain here (commit 6ea1095 reverted it);
-* torch: the CPU program; on CUDA fp32 and fp16, with and without CUDA graphs;
-  fp32 files only (export writes the .pt2 program for the fp32 model alone);
+* openvino: the LATENCY and THROUGHPUT performance hints, each in f32 and, for
+  an fp32 file on a CPU with native bf16, in bf16. Streams and a static-shape
+  compile are left out: the backend runs one synchronous infer request, which
+  one stream serves, and a static-shape compile per batch size measured no gain
+  here (commit 6ea1095 reverted it). bf16 is not tried on fp16 files (the same
+  bf16 compute from coarser weights) nor on int8 ones (little left in float);
+* torch: the CPU program, contiguous and channels_last, and bf16 (channels_last)
+  on a CPU with native bf16; on CUDA fp32 and fp16, with and without CUDA
+  graphs; fp32 files only (export writes the .pt2 program for the fp32 model alone);
 * ort-cuda: with and without a CUDA graph;
 * ort-trt and tensorrt: a TensorRT profile tuned for each batch size (and, for
   tensorrt on an fp32 file, TF32 on and off). fp16 and int8 engines come from
   the fp16/int8 files given: precision is the file's, never an option.
 
-GPU option sets appear only when the backend (``torch``: its CUDA device) is
-available. A backend that is not available is left out with its reason.
+Every lowered precision (bf16, tf32, fp16 casts) is an explicit option here, so
+each gets its own accuracy check (``NUMERIC_OPTIONS``) and the plan names it; a
+backend's defaults compute the file's own precision. GPU option sets appear only
+when the backend (``torch``: its CUDA device) is available. A backend that is not
+available is left out with its reason.
 """
 
 from __future__ import annotations
@@ -79,9 +85,20 @@ def _trt_profile(bs: int, sizes) -> dict:
     return {"min_batch": 1, "opt_batch": bs, "max_batch": max(sizes)}
 
 
+def _openvino(bs, sizes, fp32) -> list[dict]:
+    from convforge.runtime.backends.openvino import native_bf16
+
+    precisions = ("f32", "bf16") if fp32 and native_bf16() else ("f32",)
+    return [{"hint": h, "precision": p} for p in precisions for h in ("LATENCY", "THROUGHPUT")]
+
+
 def _torch(bs, sizes, fp32) -> list[dict]:
+    from convforge.runtime.backends.torch_program import native_bf16
+
     ok_cuda, _ = backends.backend_class("torch").available("cuda")
-    out = [{}]  # the CPU: slow for CNNs here, kept so that the plan says so
+    out = [{}, {"channels_last": True}]  # the CPU: slow for CNNs, kept so the plan says so
+    if native_bf16():  # emulated bf16 is slower than fp32: not worth timing
+        out.append({"dtype": "bf16", "channels_last": True})
     if ok_cuda and fp32:  # the .pt2 is fp32 only; dtype casts it on the GPU
         out += [
             {"device": "cuda", "dtype": d, "channels_last": True, "cuda_graphs": g}
@@ -96,7 +113,7 @@ VARIANTS = {
     "ort-cpu": lambda bs, sizes, fp32: [
         {**t, "graph_optimization": g} for g in ("all", "basic") for t in _cpu_threads()
     ],
-    "openvino": lambda bs, sizes, fp32: [{"hint": "LATENCY"}, {"hint": "THROUGHPUT"}],
+    "openvino": _openvino,
     "torch": _torch,
     "ort-cuda": lambda bs, sizes, fp32: [{"cuda_graph": False}, {"cuda_graph": True}],
     "ort-trt": lambda bs, sizes, fp32: [_trt_profile(bs, sizes)],

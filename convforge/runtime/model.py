@@ -100,6 +100,8 @@ class Model:
 def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options) -> Model:
     """Load an exported model (.onnx, or .pt2 for the torch backend) on ``backend``.
 
+    The file runs in its own precision (OpenVINO computes fp32 files in f32, not bf16):
+    lower numerics (bf16, tf32, fp16 casts) come only from ``options`` or a plan.
     ``options`` go to a named backend (e.g. ``threads=2`` for ort-cpu). A backend
     asked for by name that cannot run raises BackendUnavailable naming why;
     ``auto`` takes the first of :data:`~.backends.AUTO_ORDER` that loads and
@@ -108,7 +110,8 @@ def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options
     ``plan`` (a ``convforge tune`` plan file or :class:`~.plan.Plan`) runs the plan's
     backend, file and options for the batch size closest to ``batch_size``
     (:meth:`~.plan.Plan.load_model`); ``path`` must be a file the plan was made for,
-    and ``backend``/``options`` stay unset.
+    and ``backend``/``options`` stay unset. A file changed since tuning is a UserError
+    unless the plan given is a :class:`~.plan.Plan` with ``force`` set.
     """
     if plan is not None:
         from convforge.runtime.plan import Plan

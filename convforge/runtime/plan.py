@@ -9,16 +9,22 @@ the accuracy budget (:class:`PlanEntry`: backend, file, the backend options to
 pass, the settings that ran, p50/p99, throughput, accuracy delta), every
 candidate measured with its outcome, and the environment it was measured in
 (:func:`convforge.runtime.bench.environment`). The file is JSON with the keys
-of these dataclasses, in field order, written atomically; model paths in it
-are relative to the plan's folder, so a folder of models and plan can move
-as a whole.
+of these dataclasses, in field order, written atomically.
+
+A plan decides which files run, and a ``.pt2`` program is code, so a plan only
+points inside its own folder: its paths are relative to it, without ``..``
+(so a folder of models and plan can move as a whole); an absolute path or one
+with ``..`` is a UserError on reading, and a file outside the folder one on
+writing (:func:`plan_path`). The sha256 of every file it runs is recorded (for
+the torch backend the ``.pt2`` beside the ``.onnx`` too): running a file that
+changed since tuning, or whose hash the plan lacks, is a UserError, unless
+:attr:`Plan.force` (``--force-plan``) lowers it to a :class:`PlanWarning`.
 
 :meth:`Plan.entry` picks the entry closest to a batch size on a log scale (4
 is closer to 8 than to 1; ties go to the larger). Running a plan on another
 CPU, core count, GPU, convforge version or version of a library the plan's
-backends use, or on a model file that changed since tuning, warns
-(:class:`PlanWarning`): the choice still runs but may not be the fastest or
-the accuracy checked. A plan whose file is gone is a UserError.
+backends use warns (:class:`PlanWarning`): the choice still runs but may not be
+the fastest. A plan whose file is gone is a UserError.
 """
 
 from __future__ import annotations
@@ -29,14 +35,14 @@ import math
 import typing
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from convforge import __version__
 from convforge.contract import sha256_of
 from convforge.errors import UserError, check_int
 from convforge.files import atomic_write
 from convforge.runtime import bench
-from convforge.runtime.backends import BACKENDS
+from convforge.runtime.backends import BACKENDS, backend_class
 
 FORMAT = "convforge-plan/1"
 MACHINE_KEYS = ("cpu", "logical_cores", "gpu")  # bench.environment() keys a plan depends on
@@ -51,8 +57,8 @@ LIBRARY_OF = {  # backend -> the library whose version its speed depends on
 
 
 class PlanWarning(UserWarning):
-    """The plan was measured elsewhere (machine, libraries) or on another version of the
-    file: it runs, but its choice may not hold here."""
+    """The plan was measured elsewhere (machine, libraries), or runs a changed file because
+    the user forced it: it runs, but its choice may not hold here."""
 
 
 @dataclass(frozen=True)
@@ -88,16 +94,21 @@ class Plan:
     created: str = ""  # UTC, ISO 8601
     format: str = FORMAT
 
+    def __post_init__(self) -> None:
+        # Not a field, so never in the file: whether to run files that changed since tuning
+        # is the user's call (--force-plan), not something a plan can say about itself.
+        self.force = False
+
     # -- file ------------------------------------------------------------------------------
 
     def write(self, path) -> None:
-        """Write the plan to ``path`` atomically (model paths relative to its folder)."""
-        folder = Path(path).resolve().parent
+        """Write the plan to ``path`` atomically, model paths relative to its folder
+        (UserError, before writing, for a file outside it)."""
         data = {"format": self.format, **dataclasses.asdict(self)}  # format first: says what it is
-        data["model"] = _relative(self.model, folder)
-        data["files"] = {_relative(f, folder): h for f, h in self.files.items()}
+        data["model"] = plan_path(self.model, path)
+        data["files"] = {plan_path(f, path): h for f, h in self.files.items()}
         for record in (*data["entries"], *data["candidates"]):
-            record["file"] = _relative(record["file"], folder)
+            record["file"] = plan_path(record["file"], path)
         with atomic_write(path, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -105,7 +116,8 @@ class Plan:
     @classmethod
     def read(cls, path) -> Plan:
         """The plan in ``path``; a one-line UserError when it is missing, unreadable, not a
-        convforge plan, or has an entry that does not fit the schema."""
+        convforge plan, has an entry that does not fit the schema, or names a file by an
+        absolute path or one with ``..``."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -134,12 +146,15 @@ class Plan:
                     f"{path}: unknown backend {e.backend!r}; choose one of: {', '.join(BACKENDS)}"
                 )
             check_int(f"{path}: batch_size", e.batch_size)
-        plan.model = str(folder / plan.model)
-        plan.files = {str(folder / f): h for f, h in plan.files.items()}
-        plan.entries = [dataclasses.replace(e, file=str(folder / e.file)) for e in plan.entries]
-        for c in plan.candidates:
+        plan.model = _inside(folder, plan.model, f"{path}: model")
+        plan.files = {_inside(folder, f, f"{path}: files"): h for f, h in plan.files.items()}
+        plan.entries = [
+            dataclasses.replace(e, file=_inside(folder, e.file, f"{path}: entry {i + 1}: file"))
+            for i, e in enumerate(plan.entries)
+        ]
+        for i, c in enumerate(plan.candidates):
             if isinstance(c, dict) and isinstance(c.get("file"), str):
-                c["file"] = str(folder / c["file"])
+                c["file"] = _inside(folder, c["file"], f"{path}: candidate {i + 1}: file")
         return plan
 
     # -- use -------------------------------------------------------------------------------
@@ -180,15 +195,26 @@ class Plan:
         return found
 
     def check_file(self, entry: PlanEntry) -> None:
-        """UserError when ``entry``'s file is missing; PlanWarning when it changed since."""
-        path = Path(entry.file)
-        if not path.is_file():
-            raise UserError(f"the plan's file {path} is missing (the plan runs that file)")
-        expected = self.files.get(entry.file)
-        if expected is not None and sha256_of(path) != expected:
+        """Check every file ``entry`` runs (``Backend.reads``: for torch the ``.pt2`` too):
+        UserError when one is missing, and when one changed since tuning or has no hash in
+        the plan, unless :attr:`force` (then a PlanWarning)."""
+        for file in backend_class(entry.backend).reads(entry.file):
+            path = Path(file)
+            if not path.is_file():
+                raise UserError(f"the plan's file {path} is missing (the plan runs that file)")
+            expected = self.files.get(file)
+            if expected is not None and sha256_of(path) == expected:
+                continue
+            why = "changed since it was tuned (sha256 differs)"
+            if expected is None:
+                why = "has no sha256 in the plan"
+            if not self.force:
+                raise UserError(
+                    f"{path} {why}: it is not what was tuned and checked; re-run `convforge "
+                    "tune`, or give --force-plan to run it anyway"
+                )
             warnings.warn(
-                f"{path} changed since it was tuned (sha256 differs): its accuracy was not "
-                "checked; re-run `convforge tune`",
+                f"{path} {why}: running it as forced; its accuracy was not checked",
                 PlanWarning,
                 stacklevel=2,
             )
@@ -235,10 +261,30 @@ def bench_plan(plan: Plan, cfg: bench.BenchConfig, labelled=None) -> list[dict]:
     return records
 
 
-def _relative(path: str, folder: Path) -> str:
-    """``path`` relative to ``folder`` when inside it (they move together), else absolute."""
-    path = Path(path).resolve()
-    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
+def plan_path(file, plan) -> str:
+    """``file`` as a plan written to ``plan`` names it: relative to the plan's folder
+    (POSIX separators). UserError when ``file`` is outside that folder: a plan may only
+    name files inside its own folder (:meth:`Plan.read` refuses anything else)."""
+    folder = Path(plan).resolve().parent
+    path = Path(file).resolve()
+    if not path.is_relative_to(folder):
+        raise UserError(
+            f"{file} is outside {folder}, the folder of plan {Path(plan).name}: a plan names "
+            "files inside its own folder only; write the plan beside the models or above them"
+        )
+    return path.relative_to(folder).as_posix()
+
+
+def _inside(folder: Path, name, where: str) -> str:
+    """``folder / name`` for a path read from a plan; UserError unless ``name`` is a path
+    relative to the plan's folder without ``..`` (Windows spellings included)."""
+    parts = PureWindowsPath(name) if isinstance(name, str) else None  # either separator
+    if parts is None or not name or parts.anchor or ".." in parts.parts:
+        raise UserError(
+            f"{where} is {name!r}; a plan accepts only paths relative to its own folder, "
+            "without '..' (make a new one with `convforge tune`)"
+        )
+    return str(folder / name)
 
 
 def _typed_list(value, where: str) -> list:

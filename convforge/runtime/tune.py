@@ -107,6 +107,10 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
     labels = None if labels is None else np.asarray([labels[i] for i in pick])
     batches = _preprocessed(images, infos)
     pool, skipped = candidates(files, cfg.batch_sizes, names)
+    # Every file a candidate reads (a torch .pt2 too), hashed before any runs: the plan
+    # runs only what was measured (Plan.check_file).
+    reads = [f for c in pool for f in backends.backend_class(c.backend).reads(c.file)]
+    hashes = {f: sha256_of(f) for f in dict.fromkeys(files + reads) if Path(f).is_file()}
     keys = list(dict.fromkeys(c.accuracy_key for c in pool))
     bar = tqdm(total=len(keys) + len(cfg.batch_sizes) * cfg.rounds, desc="tune", unit="step",
                leave=False, disable=None if progress else True)  # fmt: skip
@@ -119,7 +123,7 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
         ref.close()
     truth = ref_top1 if labels is None else labels
     ref_acc = float(np.mean(ref_top1 == truth))
-    accuracy = {}  # accuracy key -> (top-1 or None, why it could not run)
+    accuracy = {}  # accuracy key -> (top-1 or None, why it could not run, precision)
     for key in keys:
         first = next(c for c in pool if c.accuracy_key == key)
         bar.set_description(f"accuracy: {first.label}")
@@ -142,7 +146,7 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
         raise UserError(f"no candidate ran within the accuracy budget: {why or 'none found'}")
     return Plan(
         model=reference,
-        files={f: sha256_of(f) for f in files},
+        files=hashes,
         entries=entries,
         accuracy={
             "metric": "top1" if labels is not None else "agreement",
@@ -191,12 +195,13 @@ def top1(backend, batch: np.ndarray, chunk: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _accuracy(c: Candidate, batch, truth, chunk: int) -> tuple[float | None, str]:
+def _accuracy(c: Candidate, batch, truth, chunk: int) -> tuple[float | None, str, str | None]:
+    """(top-1 or None, why it could not run, the precision that ran or None)."""
     try:
         with backends.create(c.backend, c.file, **c.opts) as b:
-            return float(np.mean(top1(b, batch, chunk) == truth)), ""
+            return float(np.mean(top1(b, batch, chunk) == truth)), "", b.precision
     except Exception as e:  # noqa: BLE001 -- recorded with its reason, shown in the table
-        return None, _reason(e)
+        return None, _reason(e), None
 
 
 def _preprocessed(images, infos: dict) -> dict:
@@ -219,15 +224,16 @@ def _reason(e: Exception) -> str:
 
 def _record(c: Candidate, accuracy: tuple, ref_acc: float, max_drop: float) -> dict:
     """The candidate's record before timing: status measured (to be timed), failed or
-    rejected, with why."""
-    top, why = accuracy
+    rejected, with why, and the precision its accuracy check ran in (a rejected bf16
+    candidate says bf16)."""
+    top, why, precision = accuracy
     delta = None if top is None else round((top - ref_acc) * 100, 4)
     status = "failed" if top is None else "measured"
     if delta is not None and delta < -max_drop:
         status, why = "rejected", f"top-1 {delta:+.2f} points (at most -{max_drop} allowed)"
     return {
         "batch_size": c.batch_size, "backend": c.backend, "file": c.file, "options": c.opts,
-        "precision": None, "settings": None, "accuracy": top, "accuracy_delta_points": delta,
+        "precision": precision, "settings": None, "accuracy": top, "accuracy_delta_points": delta,
         "p50_ms": None, "p99_ms": None, "throughput_ips": None, "rounds": 0,
         "status": status, "why": why,
     }  # fmt: skip

@@ -1,6 +1,7 @@
 """`convforge tune` and `--plan` for predict, bench and serve, through the CLI."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,10 @@ import pytest
 from convforge.cli import main
 from convforge.cli.options import Parser
 from convforge.cli.runtime import serve_config, serve_parser
+from convforge.cli.tune import use_plan
+from convforge.errors import UserError
 from convforge.runtime import bench
-from convforge.runtime.plan import Plan
+from convforge.runtime.plan import Plan, PlanWarning
 from tests.runtime.test_plan import make_plan
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -31,9 +34,14 @@ def plan_file(tmp_path) -> Path:
     return tmp_path / "plan.json"
 
 
+def _copy(folder: Path) -> str:
+    """The fixture copied into ``folder``: a plan is written beside the models it names."""
+    return str(shutil.copy(MODEL, folder / "digits.onnx"))
+
+
 def test_tune_on_unlabelled_images_writes_a_plan_and_prints_the_choice(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    argv = ["tune", MODEL, "--images", str(FIXTURES), "--backends", "ort-cpu,torch",
+    argv = ["tune", _copy(tmp_path), "--images", str(FIXTURES), "--backends", "ort-cpu,torch",
             "--batch-sizes", "1,2", *QUICK, "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -41,7 +49,8 @@ def test_tune_on_unlabelled_images_writes_a_plan_and_prints_the_choice(tmp_path,
     assert [e.batch_size for e in plan.entries] == [1, 2]
     assert plan.accuracy["metric"] == "agreement" and plan.accuracy["images"] == len(IMAGES)
     for e in plan.entries:
-        assert f"batch {e.batch_size}: ort-cpu digits.onnx" in text
+        assert f"batch {e.batch_size}: ort-cpu digits.onnx" in text and "(fp32)" in text
+    assert "precision" in text.splitlines()[0]  # the table names what each candidate ran
     # torch was named: it is tried and its reason shown (the fixture has no .pt2 program).
     torch = [r for r in plan.candidates if r["backend"] == "torch"]
     assert torch and all(r["status"] == "failed" and ".pt2" in r["why"] for r in torch)
@@ -50,13 +59,14 @@ def test_tune_on_unlabelled_images_writes_a_plan_and_prints_the_choice(tmp_path,
 
 def test_tune_json_prints_the_plan_it_wrote(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    argv = ["tune", MODEL, "--images", *IMAGES[:3], "--backends", "ort-cpu",
+    model = _copy(tmp_path)
+    argv = ["tune", model, "--images", *IMAGES[:3], "--backends", "ort-cpu",
             "--batch-sizes", "4", *QUICK, "-o", str(out), "--json"]  # fmt: skip
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["format"] == "convforge-plan/1"
     (entry,) = Plan.read(out).entries
-    assert printed["entries"][0] == {**entry.__dict__, "file": str(Path(MODEL).resolve())}
+    assert printed["entries"][0] == {**entry.__dict__, "file": str(Path(model).resolve())}
     assert printed["environment"]["cpu"] == bench.environment()["cpu"]
 
 
@@ -104,18 +114,23 @@ def test_tune_says_when_the_files_own_dataset_cannot_be_loaded(tmp_path, capsys)
     ],
 )
 def test_tune_mistakes_are_one_line_errors(tmp_path, capsys, extra, message):
-    argv = ["tune", MODEL, "-o", str(tmp_path / "p.json"), *extra]
+    argv = ["tune", _copy(tmp_path), "-o", str(tmp_path / "p.json"), *extra]
     if "--images" not in extra and "--dataset" not in extra and extra:
         argv += ["--images", IMAGES[0]]
     assert main(argv) == 2
     assert message in _one_line_error(capsys)
 
 
-def test_tune_checks_files_and_output_before_searching(tmp_path, capsys):
+def test_tune_checks_files_and_output_before_searching(tmp_path, capsys, monkeypatch):
     assert main(["tune", "/no/m.onnx", "--images", IMAGES[0], "-o", str(tmp_path / "p")]) == 2
     assert "/no/m.onnx does not exist" in _one_line_error(capsys)
     assert main(["tune", MODEL, "--images", IMAGES[0], "-o", "/no/dir/p.json"]) == 2
     assert "folder /no/dir does not exist" in _one_line_error(capsys)
+    # A plan names files inside its own folder only: refused before anything is measured.
+    monkeypatch.setattr("convforge.runtime.tune.tune", lambda *a, **k: pytest.fail("searched"))
+    assert main(["tune", MODEL, "--images", IMAGES[0], "-o", str(tmp_path / "p.json")]) == 2
+    error = _one_line_error(capsys)
+    assert error.startswith(f"{MODEL} is outside {tmp_path.resolve()}, the folder of plan p.json")
 
 
 def test_predict_with_a_plan_runs_its_configuration(plan_file, capsys):
@@ -184,6 +199,56 @@ def test_unreadable_plan_and_missing_file_are_one_line_errors(plan_file, tmp_pat
     Path(model).rename(moved)
     assert main(["predict", str(moved), IMAGES[0], "--plan", str(plan_file)]) == 2
     assert "the plan's file" in _one_line_error(capsys)
+
+
+def _changed(model: Path) -> Path:
+    """``model`` rewritten with another doc string: it still loads, but is not what was tuned."""
+    import onnx
+
+    proto = onnx.load(model)
+    proto.doc_string = "changed after tuning"
+    onnx.save(proto, model)
+    return model
+
+
+@pytest.mark.parametrize("command", ["predict", "bench"])
+def test_a_file_changed_since_tuning_is_a_one_line_error(plan_file, capsys, command):
+    model = _changed(plan_file.parent / "digits.onnx")
+    images = [IMAGES[0]] if command == "predict" else []
+    assert main([command, str(model), *images, "--plan", str(plan_file)]) == 2
+    error = _one_line_error(capsys)
+    assert error.startswith(f"{model} changed since it was tuned (sha256 differs)")
+    assert error.endswith("or give --force-plan to run it anyway")
+
+
+def test_force_plan_runs_a_changed_file_with_a_warning(plan_file, tmp_path):
+    model = _changed(plan_file.parent / "digits.onnx")
+    with pytest.raises(UserError, match="changed since it was tuned"):
+        use_plan(str(plan_file), [str(model)], {}).load_model(1)
+    plan = use_plan(str(plan_file), [str(model)], {}, force=True)
+    with pytest.warns(PlanWarning, match="running it as forced"), plan.load_model(1) as m:
+        assert m.backend.name == "ort-cpu"
+    # serve reads the flag from its arguments, where its parser declares --force-plan.
+    parser = Parser(prog="convforge serve")
+    serve_parser(parser)
+    args = parser.parse_args([str(model), "--plan", str(plan_file)])
+    with pytest.raises(UserError, match="give --force-plan"):
+        serve_config(args)
+    args.force_plan = True
+    with pytest.warns(PlanWarning, match="running it as forced"):
+        assert serve_config(args).models == {"digits": str(model)}
+
+
+def test_a_plan_naming_an_absolute_path_is_a_one_line_error(plan_file, capsys):
+    data = json.loads(plan_file.read_text())
+    data["entries"][0]["file"] = MODEL  # absolute: a plan may not point outside its folder
+    plan_file.write_text(json.dumps(data))
+    model = str(plan_file.parent / "digits.onnx")
+    assert main(["predict", model, IMAGES[0], "--plan", str(plan_file)]) == 2
+    assert _one_line_error(capsys) == (
+        f"{plan_file}: entry 1: file is {MODEL!r}; a plan accepts only paths relative to its "
+        "own folder, without '..' (make a new one with `convforge tune`)"
+    )
 
 
 def test_a_plan_from_another_machine_warns_in_one_line(plan_file, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from convforge.errors import UserError
 from convforge.export import ExportOptions, export_checkpoint
 from convforge.runtime import BackendUnavailable, load
 from convforge.runtime.backends import AUTO_ORDER, backend_class
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,25 @@ def test_unknown_and_unavailable_backends_are_clear_errors(digits_model):
                 load(digits_model, backend=name)
     with load(digits_model, backend="auto") as model:
         assert model.backend.name in AUTO_ORDER
+
+
+@pytest.mark.parametrize("backend", ["auto", "openvino"])
+def test_logits_agree_with_ort_cpu_unless_told_otherwise(backend):
+    """A file runs in its own precision: ``auto`` (OpenVINO first on x86 CPUs) and OpenVINO
+    by name agree with ort-cpu on an fp32 file to 1e-4 relative (bf16, which OpenVINO
+    picks by itself on CPUs with AMX or AVX512-BF16, was 0.6% off)."""
+    for name in ("ort-cpu", "openvino" if backend == "openvino" else "ort-cpu"):
+        ok, why = backend_class(name).available()
+        if not ok:
+            pytest.skip(why)
+    path = FIXTURES / "digits.onnx"
+    with load(path, backend="ort-cpu") as reference, load(path, backend=backend) as model:
+        images = model.preprocess(sorted(FIXTURES.glob("digit-*.png")))
+        noise = np.random.default_rng(0).normal(size=(26, *images.shape[1:]))
+        batch = np.concatenate([images, noise.astype(np.float32)])
+        want, got = reference.logits(batch), model.logits(batch)
+        assert model.backend.precision == "fp32"
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_cli_predict(digits_model, digit_images, capsys):

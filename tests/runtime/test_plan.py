@@ -1,6 +1,7 @@
 """The plan file: round trip, the entry for a batch size, environment mismatch warnings,
 invalid files, and running the planned configuration."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -69,12 +70,50 @@ def test_write_read_round_trip_with_paths_relative_to_the_plan(plan, tmp_path):
     assert again.entries[0].file == str(moved / "digits.onnx")
 
 
-def test_a_file_outside_the_plan_folder_keeps_its_absolute_path(plan, tmp_path):
+def test_a_plan_is_written_only_where_it_holds_its_files(plan, tmp_path):
+    """A file outside the plan's folder would need an absolute path or '..', which no
+    plan may hold: writing it there is refused, and nothing is written."""
     (tmp_path / "sub").mkdir()
-    plan.write(tmp_path / "sub" / "plan.json")
-    raw = json.loads((tmp_path / "sub" / "plan.json").read_text())
-    assert raw["model"] == str((tmp_path / "digits.onnx").resolve())
-    assert Plan.read(tmp_path / "sub" / "plan.json").model == raw["model"]
+    with pytest.raises(UserError, match="^[^\n]*$") as e:
+        plan.write(tmp_path / "sub" / "plan.json")
+    assert "digits.onnx is outside" in str(e.value) and "inside its own folder" in str(e.value)
+    assert not (tmp_path / "sub" / "plan.json").exists()
+
+
+@pytest.mark.parametrize(
+    "where, name, message",
+    [
+        ("entry", "/etc/digits.onnx", "plan.json: entry 1: file is '/etc/digits.onnx'"),
+        ("entry", "../digits.onnx", "plan.json: entry 1: file is '../digits.onnx'"),
+        ("entry", "a/../../digits.onnx", "entry 1: file is 'a/../../digits.onnx'"),
+        ("entry", "..\\digits.onnx", "entry 1: file is '..\\\\digits.onnx'"),
+        ("entry", "C:/digits.onnx", "entry 1: file is 'C:/digits.onnx'"),
+        ("entry", "", "entry 1: file is ''"),
+        ("files", "/tmp/digits.onnx", "plan.json: files is '/tmp/digits.onnx'"),
+        ("model", "../digits.onnx", "plan.json: model is '../digits.onnx'"),
+        ("candidate", "/x/digits.onnx", "plan.json: candidate 1: file is '/x/digits.onnx'"),
+    ],
+)
+def test_a_plan_naming_a_file_outside_its_folder_is_refused(plan, tmp_path, where, name,
+                                                            message):  # fmt: skip
+    """A plan decides what runs (a .pt2 is code): it may only point inside its folder."""
+    path = tmp_path / "plan.json"
+    plan.write(path)
+    data = json.loads(path.read_text())
+    if where == "entry":
+        data["entries"][0]["file"] = name
+    elif where == "files":
+        data["files"][name] = "0" * 64
+    elif where == "model":
+        data["model"] = name
+    else:
+        data["candidates"] = [{"file": name}]
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="^[^\n]*$") as e:
+        Plan.read(path)
+    assert message in str(e.value)
+    assert str(e.value).endswith("accepts only paths relative to its own folder, without '..' "
+                                 "(make a new one with `convforge tune`)")  # fmt: skip
 
 
 @pytest.mark.parametrize("asked, expected", [(1, 1), (2, 1), (4, 8), (16, 32), (100, 32)])
@@ -169,13 +208,40 @@ def test_runtime_load_takes_a_plan_for_its_own_model_only(plan, tmp_path):
         load(tmp_path / "digits.onnx", backend="openvino", plan=plan)
 
 
-def test_the_plans_file_missing_is_an_error_and_a_changed_one_warns(plan, tmp_path):
+def test_a_changed_file_is_an_error_unless_forced_and_a_missing_one_always(plan, tmp_path):
     plan.files = {f: "0" * 64 for f in plan.files}  # as if tuned on other bytes
-    with pytest.warns(PlanWarning, match="changed since it was tuned"):
+    with pytest.raises(UserError, match="^[^\n]*$") as e:
+        plan.load_model(1)
+    assert str(e.value) == (
+        f"{plan.model} changed since it was tuned (sha256 differs): it is not what was "
+        "tuned and checked; re-run `convforge tune`, or give --force-plan to run it anyway"
+    )
+    plan.files = {}  # no hash: nothing says what was tuned
+    with pytest.raises(UserError, match="has no sha256 in the plan"):
         plan.check_file(plan.entries[0])
+    plan.force = True  # --force-plan
+    with pytest.warns(PlanWarning, match="running it as forced"), plan.load_model(1) as model:
+        assert model.backend.name == "ort-cpu"
+    assert "force" not in json.dumps(dataclasses.asdict(plan))  # never in the file
     Path(plan.model).unlink()
     with pytest.raises(UserError, match=r"the plan's file .*digits.onnx is missing"):
         plan.load_model(1)
+
+
+def test_a_torch_entry_checks_the_pt2_program_it_runs(plan, tmp_path):
+    """The torch backend runs the .pt2 beside the .onnx, and a .pt2 is code: the plan
+    holds its hash too, and a swapped program does not run."""
+    program = tmp_path / "digits.pt2"
+    program.write_bytes(b"the program that was tuned")
+    entry = dataclasses.replace(plan.entries[0], backend="torch", options={})
+    plan.files[str(program)] = sha256_of(program)
+    plan.check_file(entry)  # both as tuned
+    program.write_bytes(b"another program")
+    with pytest.raises(UserError, match=r"digits.pt2 changed since it was tuned"):
+        plan.check_file(entry)
+    del plan.files[str(program)]
+    with pytest.raises(UserError, match=r"digits.pt2 has no sha256 in the plan"):
+        plan.check_file(entry)
 
 
 def test_bench_plan_times_each_entry_at_its_batch_size(plan):

@@ -60,6 +60,7 @@ def _top1(path, images, labels) -> float:
 def test_cpu_candidates_are_each_backends_settings_that_matter(models, monkeypatch):
     good, _ = models
     monkeypatch.setattr("convforge.runtime.backends.ort.physical_cores", lambda: (4, "test"))
+    monkeypatch.setattr("convforge.runtime.backends.openvino.native_bf16", lambda: False)
     pool, skipped = candidates([str(good)], (1, 8), ["ort-cpu", "openvino"])
     ort = {c.options for c in pool if c.backend == "ort-cpu" and c.batch_size == 1}
     assert ort == {
@@ -70,7 +71,7 @@ def test_cpu_candidates_are_each_backends_settings_that_matter(models, monkeypat
     }
     if backends.backend_class("openvino").available()[0]:
         ov = {c.options for c in pool if c.backend == "openvino" and c.batch_size == 8}
-        assert ov == {(("hint", "LATENCY"),), (("hint", "THROUGHPUT"),)}
+        assert ov == {(("hint", h), ("precision", "f32")) for h in ("LATENCY", "THROUGHPUT")}
     # Threads never change results: one accuracy check covers both thread counts.
     keys = {c.accuracy_key for c in pool if c.backend == "ort-cpu"}
     assert keys == {("ort-cpu", str(good), (("graph_optimization", g),)) for g in ("all", "basic")}
@@ -87,6 +88,7 @@ def test_gpu_candidates_come_from_the_same_table_when_available(models, tmp_path
     monkeypatch.setattr(
         TorchProgram, "available", classmethod(lambda cls, device="cpu": (True, ""))
     )
+    monkeypatch.setattr("convforge.runtime.backends.torch_program.native_bf16", lambda: False)
     names = ["ort-cuda", "ort-trt", "tensorrt", "torch"]
     pool, skipped = candidates([str(good), str(fp16)], (1, 8), names)
     # The .pt2 program is fp32 only: the torch backend has nothing to run for an fp16 file.
@@ -112,6 +114,68 @@ def test_gpu_candidates_come_from_the_same_table_when_available(models, tmp_path
     assert len(keys) == 3  # cpu; cuda fp32; cuda fp16
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_a_candidate_where_the_cpu_computes_it_natively(models, tmp_path, monkeypatch,
+                                                                native):  # fmt: skip
+    """bf16 is tried (each with its own accuracy check) on CPUs with native bf16 only;
+    never on an fp16 file (the same bf16 compute from coarser weights)."""
+    good, _ = models
+    fp16 = tmp_path / "digits.fp16.onnx"
+    model = onnx.load(str(good))
+    contract.write_props(model, contract.encode({"precision": "fp16"}))
+    onnx.save(model, str(fp16))
+    for module in ("openvino", "torch_program"):
+        monkeypatch.setattr(f"convforge.runtime.backends.{module}.native_bf16", lambda: native)
+    for cls in (backends.backend_class("openvino"), TorchProgram):
+        monkeypatch.setattr(cls, "available", classmethod(lambda c, device="cpu": (
+            device == "cpu", "")))  # fmt: skip
+    pool, _ = candidates([str(good), str(fp16)], (1,), ["openvino", "torch"])
+
+    def precisions(backend, path, key):
+        return {c.opts.get(key) for c in pool if (c.backend, c.file) == (backend, str(path))}
+
+    assert precisions("openvino", good, "precision") == ({"f32", "bf16"} if native else {"f32"})
+    assert precisions("openvino", fp16, "precision") == {"f32"}
+    assert precisions("torch", good, "dtype") == ({None, "bf16"} if native else {None})
+    keys = {c.accuracy_key for c in pool if c.backend == "openvino" and c.file == str(good)}
+    assert len(keys) == (2 if native else 1)  # hints share a check; precisions do not
+
+
+def test_tune_checks_bf16_and_the_plan_names_the_precision_that_ran(models, labelled,
+                                                                    monkeypatch):  # fmt: skip
+    from convforge.runtime.backends import openvino
+
+    if not openvino.OpenVino.available()[0]:
+        pytest.skip("openvino is not installed")
+    native = openvino.native_bf16()
+    monkeypatch.setattr(openvino, "native_bf16", lambda: True)  # a candidate on every CPU
+    good, _ = models
+    cfg = TuneConfig(batch_sizes=(2,), max_drop=100.0, **QUICK)
+    plan = tune([good], labelled[0][:40], labelled[1][:40], cfg, names=["openvino"])
+    ran = {r["options"]["precision"]: r["precision"] for r in plan.candidates}
+    # Without native bf16 OpenVINO runs the bf16 request in f32, and the record says so.
+    assert ran == {"f32": "fp32", "bf16": "bf16" if native else "fp32"}
+    assert all(r["settings"]["requested_precision"] == r["options"]["precision"]
+               for r in plan.candidates if r["settings"])  # fmt: skip
+    (entry,) = plan.entries
+    assert entry.precision == ran[entry.options["precision"]]
+
+
+def test_the_plan_hashes_every_file_a_candidate_reads(labelled, tmp_path):
+    """The torch backend runs the .pt2 beside the .onnx: the plan records its hash too,
+    taken before anything ran, so that a swapped program is refused later."""
+    if not TorchProgram.available()[0]:
+        pytest.skip("torch is not installed")
+    model = Path(shutil.copy(FIXTURES / "digits.onnx", tmp_path / "digits.onnx"))
+    program = tmp_path / "digits.pt2"
+    program.write_bytes(b"not a torch.export program")  # the torch candidates fail on it
+    cfg = TuneConfig(batch_sizes=(1,), **QUICK)
+    plan = tune([model], labelled[0][:20], labelled[1][:20], cfg, names=["ort-cpu", "torch"])
+    assert plan.files == {str(model): contract.sha256_of(model),
+                          str(program): contract.sha256_of(program)}  # fmt: skip
+    assert {r["status"] for r in plan.candidates if r["backend"] == "torch"} == {"failed"}
+
+
 def test_an_unavailable_backend_is_skipped_with_its_reason_never_replaced(models, monkeypatch):
     good, _ = models
     monkeypatch.setattr(OrtCuda, "available", classmethod(lambda cls: (False, "no GPU here")))
@@ -122,7 +186,7 @@ def test_an_unavailable_backend_is_skipped_with_its_reason_never_replaced(models
         candidates([str(good)], (1,), ["nope"])
 
 
-def test_tune_keeps_the_accuracy_budget_and_chooses_the_fastest(models, labelled, tmp_path):
+def test_tune_keeps_the_accuracy_budget_and_chooses_the_fastest(models, labelled):
     good, broken = models
     images, labels = labelled
     cfg = TuneConfig(batch_sizes=(4, 1, 4), **QUICK)  # planned once each, ascending
@@ -149,8 +213,8 @@ def test_tune_keeps_the_accuracy_budget_and_chooses_the_fastest(models, labelled
         ]
         assert entry.p50_ms == min(r["p50_ms"] for r in timed)
         assert entry.p99_ms >= entry.p50_ms
-    plan.write(tmp_path / "plan.json")
-    assert Plan.read(tmp_path / "plan.json") == plan
+    plan.write(good.parent / "plan.json")  # beside its models: a plan names no other files
+    assert Plan.read(good.parent / "plan.json") == plan
 
 
 def test_without_labels_tune_measures_agreement_with_the_fp32_file(models, labelled):

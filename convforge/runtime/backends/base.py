@@ -63,6 +63,12 @@ class Backend:
         raise NotImplementedError
 
     @classmethod
+    def reads(cls, path: str) -> list[str]:
+        """The files a run of ``path`` reads, ``path`` first: what a plan hashes, since
+        they decide what runs (the torch backend adds the ``.pt2`` program it runs)."""
+        return [str(path)]
+
+    @classmethod
     def runs(cls, path: str) -> bool:
         """Whether this backend runs files like ``path`` (by suffix: .onnx, .pt2)."""
         return Path(path).suffix in cls.suffixes

@@ -4,18 +4,28 @@
 
 Options (:class:`OpenVino.Options`): ``hint`` is OpenVINO's PERFORMANCE_HINT (LATENCY:
 one stream using every core; THROUGHPUT: several streams for batched/parallel work).
-``precision`` is INFERENCE_PRECISION_HINT; unset, OpenVINO chooses: bf16 on CPUs with
-native bf16 (AVX512-BF16 / AMX), else f32. A request the CPU cannot honour (bf16
-without hardware support) is downgraded by OpenVINO; the precision that actually runs
-is read back from the compiled model and is what :attr:`precision` and
-:meth:`describe` report, never the request. ``threads`` is INFERENCE_NUM_THREADS.
+``threads`` is INFERENCE_NUM_THREADS.
 
-An int8 (QDQ) export runs its quantized ops in int8; it reports ``"int8"`` when the
-ONNX metadata says so. openvino is imported inside the methods only.
+``precision`` is INFERENCE_PRECISION_HINT, the precision of every op that is not
+quantized, and it is always sent: ``f32`` unless asked otherwise. Left to itself
+OpenVINO computes fp32 files in bf16 on CPUs with native bf16 (AVX512-BF16 / AMX),
+about 3 significant digits, which a file's own precision never asked for. f32 is
+the file's own precision for fp32 files and for the float parts of int8 ones; for
+fp16 files it is what the CPU plugin offers at or above fp16 on every CPU (fp16
+compute exists on few CPUs, so f16 would make results depend on the CPU). ``bf16``
+is the faster choice where the CPU has it (:func:`native_bf16`; ``convforge tune``
+tries it, accuracy-checked). A request the CPU cannot honour (bf16 without hardware
+support) is downgraded by OpenVINO, so the precision that runs is read back from the
+compiled model (``describe()["inference_precision"]``), never assumed.
+
+:attr:`precision` is the file's (fp32, fp16, int8), or names bf16 when bf16 ran:
+``bf16`` for a float file, ``int8+bf16`` for an int8 one. openvino is imported inside
+the functions only.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +36,6 @@ from convforge.settings import setting
 
 HINTS = ("LATENCY", "THROUGHPUT")
 PRECISIONS = ("f32", "bf16")
-# OpenVINO element type name -> convforge precision name
-_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
 class OpenVino(Backend):
@@ -36,9 +44,11 @@ class OpenVino(Backend):
     @dataclass(frozen=True)
     class Options:
         hint: str = setting("LATENCY", "OpenVINO's performance hint", choices=HINTS)
-        precision: str | None = setting(
-            None, "inference precision; default: OpenVINO's choice for this CPU", choices=PRECISIONS
-        )
+        precision: str = setting(
+            "f32", "precision of every op that is not int8: f32 (each file's own or better) "
+            "or bf16 (faster on CPUs with AVX512-BF16/AMX, about 3 significant digits)",
+            choices=PRECISIONS,
+        )  # fmt: skip
         threads: int | None = setting(None, "inference threads; default: OpenVINO's", minimum=1)
 
     def __init__(self, path: str, **options) -> None:
@@ -72,9 +82,11 @@ class OpenVino(Backend):
         runs (read back from OpenVINO) and the settings describe() reports."""
         import openvino as ov
 
-        config = {"PERFORMANCE_HINT": self.hint}
-        if self.requested_precision is not None:
-            config["INFERENCE_PRECISION_HINT"] = self.requested_precision
+        config = {
+            "PERFORMANCE_HINT": self.hint,
+            # Always sent: unset, OpenVINO picks bf16 on CPUs that have it (module docstring).
+            "INFERENCE_PRECISION_HINT": self.requested_precision,
+        }
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = str(self.threads)
         core = ov.Core()
@@ -85,7 +97,7 @@ class OpenVino(Backend):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         ran = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        self.precision = "int8" if file_precision == "int8" else _PRECISION_NAMES.get(ran, ran)
+        self.precision = _precision(file_precision, ran)
         self._settings = {
             "device": "CPU",
             "hint": self.hint,
@@ -124,6 +136,25 @@ class OpenVino(Backend):
 
     def describe(self) -> dict:
         return {**super().describe(), **self._settings}
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether OpenVINO's CPU device computes bf16 natively here (AVX512-BF16 or AMX): it
+    lists BF16 among its OPTIMIZATION_CAPABILITIES. False without openvino."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _precision(file_precision: str, ran: str) -> str:
+    """What a file of ``file_precision`` runs in when its float ops run in ``ran`` (an
+    OpenVINO type name): the file's own precision, with bf16 named where it ran."""
+    if ran != "bf16":
+        return file_precision
+    return "int8+bf16" if file_precision == "int8" else "bf16"
 
 
 def _type_name(value) -> str:
