@@ -1,5 +1,9 @@
 """Runtime preprocessing (PIL + numpy) against the builder's evaluation transform (torchvision)."""
 
+import io
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +168,200 @@ def test_encoded_bytes_decode_like_their_file_in_draft_mode_too(drafts, tmp_path
     assert np.array_equal(from_bytes, preprocess([path], info)) and drafts == [4, 4]
     with pytest.raises(UserError, match="the 12 bytes given: not a readable image"):
         preprocess([b"not an image"], info)
+
+
+# --- Images from clients (untrusted bytes) ---------------------------------------------
+
+
+def _upload(body: bytes, **limits):
+    """``body`` preprocessed as the server does it (limits default to the upload ones)."""
+    from convforge.runtime.preprocess import UPLOAD_FORMATS, UPLOAD_MAX_PIXELS
+
+    limits = {"formats": UPLOAD_FORMATS, "max_pixels": UPLOAD_MAX_PIXELS, **limits}
+    return preprocess([body], _info(3, 16, 16, [0.0] * 3, [1.0] * 3), **limits)
+
+
+def _encoded(fmt: str, image: Image.Image | None = None) -> bytes:
+    if image is None:
+        rng = np.random.default_rng(0)
+        image = Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares ``width`` x ``height`` (its data is 8x8's)."""
+    png = _encoded("PNG", Image.new("L", (8, 8)))
+    ihdr = struct.pack(">II", width, height) + png[24:29]  # keep depth, colour type, ...
+    return png[:8] + _chunk(b"IHDR", ihdr) + png[33:]
+
+
+def _png_with_idats(parts: int) -> bytes:
+    """A valid PNG whose image data is split over ``parts`` IDAT chunks."""
+    png = _encoded("PNG")
+    (n,) = struct.unpack(">I", png[33:37])
+    assert png[37:41] == b"IDAT" and png[49 + n : 53 + n] == b"IEND"  # one IDAT, then IEND
+    data, step = png[41 : 41 + n], -(-n // parts)
+    idats = b"".join(_chunk(b"IDAT", data[i : i + step]) for i in range(0, n, step))
+    return png[:33] + idats + png[45 + n :]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_uploads_in_the_accepted_formats_decode_as_without_limits(fmt):
+    body = _encoded(fmt)
+    assert np.array_equal(_upload(body), _upload(body, formats=None, max_pixels=None))
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "GIF", "BMP", "TIFF", "ICO"])
+def test_uploads_in_other_formats_are_refused_naming_the_accepted_ones(fmt):
+    body = _encoded(fmt)
+    assert Image.open(io.BytesIO(body)).format == fmt  # Pillow would open it
+    with pytest.raises(UserError, match=r"not a readable image; accepts JPEG, PNG, WEBP$"):
+        _upload(body)
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The images whose pixels were decoded (ImageFile.load), in order."""
+    from PIL import ImageFile
+
+    loaded = []
+    load = ImageFile.ImageFile.load
+
+    def spy(self):
+        loaded.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return loaded
+
+
+# 20000x20000 (400 MP) is over Pillow's own bomb limit too; with that limit off
+# (MAX_IMAGE_PIXELS = None, as some programs set it) max_pixels still holds.
+@pytest.mark.parametrize("width, height, message", [
+    (8000, 8000, "image is 8000x8000 (64.0 MP); at most 40 MP"),
+    (20000, 20000, "image is 20000x20000 (400.0 MP); at most 40 MP"),
+    (40001, 1000, "image is 40001x1000 (40.0 MP); at most 40 MP"),
+])  # fmt: skip
+def test_images_over_max_pixels_are_refused_from_their_header(
+    width, height, message, loads, monkeypatch
+):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    body = _png_declaring(width, height)
+    assert len(body) < 100
+    what = f"the {len(body)} bytes given"
+    with pytest.raises(UserError, match=f"^cannot read {what}: {re.escape(message)}$"):
+        _upload(body)
+    assert loads == []  # refused before any pixel was decoded
+    assert _upload(_png_declaring(8, 8)).shape == (1, 3, 16, 16)  # the crafting is sound
+
+
+@pytest.mark.parametrize("pixels", ["error", "warning"])
+def test_pillows_decompression_bomb_checks_are_user_errors_too(pixels, loads):
+    import warnings
+
+    # 20000x20000 is over twice Pillow's limit (an error); 10000x10000 over it (a
+    # warning, an exception where warnings are errors, as under pytest -W error).
+    side = 20000 if pixels == "error" else 10000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(UserError, match=r"Image size \(\d+ pixels\) exceeds limit"):
+            _upload(_png_declaring(side, side), max_pixels=None)
+    assert loads == []
+
+
+def test_broken_and_truncated_files_are_one_line_user_errors():
+    png = _png_with_idats(4)
+    assert np.array_equal(_upload(png), _upload(_encoded("PNG")))  # the split PNG is valid
+    second = png.index(b"IDAT", png.index(b"IDAT") + 4)
+    broken = png[:second] + b"IDA\0" + png[second + 4 :]  # a bad chunk after the first IDAT
+    jpeg, webp = _encoded("JPEG"), _encoded("WEBP")
+    for body, message in [
+        (broken, r"broken PNG file \(chunk b'IDA\\x00'\)"),  # Pillow: SyntaxError
+        (png[: len(png) // 2], "image file is truncated"),
+        (jpeg[: len(jpeg) // 2], "image file is truncated"),
+        (jpeg[:100], "Truncated File Read"),
+        (webp[: len(webp) // 2], "could not create decoder object"),
+    ]:
+        with pytest.raises(UserError, match=f"^cannot read the {len(body)} bytes given: {message}"):
+            _upload(body)
+
+
+@pytest.mark.parametrize("error, message", [
+    (SyntaxError("broken PNG file (chunk b'IDA\\x00')"), "broken PNG file (chunk b'IDA\\x00')"),
+    (struct.error("unpack requires a buffer of 4 bytes"), "unpack requires a buffer of 4 bytes"),
+    (EOFError(), "corrupt image data (EOFError)"),  # no message: the type instead
+    (zlib.error("Error -3 while decompressing data\nmore"), "Error -3 while decompressing data"),
+    (IndexError("index out of range"), "index out of range"),
+])  # fmt: skip
+def test_anything_pillow_raises_while_decoding_is_a_one_line_user_error(
+    error, message, monkeypatch
+):
+    from PIL import ImageFile
+
+    raised = [error, MemoryError()]  # MemoryError: the server's state, not the file's
+
+    def load(self):
+        raise raised.pop(0)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    body = _encoded("PNG")  # also without the upload limits: any file is untrusted
+    with pytest.raises(UserError, match=f"^cannot read the {len(body)} bytes given: ") as e:
+        _upload(body, formats=None, max_pixels=None)
+    assert str(e.value).endswith(f"given: {message}")
+    with pytest.raises(MemoryError):
+        _upload(body, formats=None, max_pixels=None)
+
+
+def _fail_resizes_over(side: int, monkeypatch) -> None:
+    """Make any resize to more than ``side`` pixels a side fail, before it allocates."""
+    resize = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        assert max(size) <= side, f"resize to {size}"
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+
+
+# resize_size < input size: the crop is larger than the resized image in one side or
+# (230x210 -> 219x200) both, and torchvision pads with black.
+@pytest.mark.parametrize("width, height", [(300, 200), (200, 300), (230, 210), (643, 419)])
+def test_a_crop_larger_than_the_resized_image_resizes_only_its_inside(
+    width, height, tmp_path, monkeypatch
+):
+    from convforge.runtime.preprocess import load_pixels, resized_size
+
+    path = tmp_path / "p.png"  # PNG: no draft mode
+    Image.open(photo_jpeg(tmp_path / "p.jpg", width, height)).save(path)
+    full = Image.open(path).convert("RGB")
+    new_w, new_h = resized_size(width, height, 224, 200)
+    left, top = round((new_w - 224) / 2), round((new_h - 224) / 2)
+    assert left < 0 or top < 0
+    # PIL's crop pads with black, as torchvision's CenterCrop does
+    want = full.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + 224, top + 224))
+    _fail_resizes_over(224, monkeypatch)
+    got = load_pixels(str(path), 3, 224, 200)
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("width, height", [(1, 60000), (60000, 1)])
+def test_an_extreme_aspect_ratio_never_allocates_more_than_the_output(width, height, monkeypatch):
+    import time
+
+    _fail_resizes_over(224, monkeypatch)
+    line = np.linspace(0, 255, max(width, height)).astype(np.uint8).reshape(height, width)
+    body = _encoded("PNG", Image.fromarray(line))
+    start = time.perf_counter()
+    # Before: 200 x 12_000_000 RGB pixels (7.2 GB) resized, then cropped to 224x224.
+    x = preprocess([body], _info(3, 224, 200, [0.0] * 3, [1.0] * 3))
+    assert time.perf_counter() - start < 2
+    assert x.shape == (1, 3, 224, 224)
+    strip = x[0, 0] if width == 1 else x[0, 0].T  # the image's pixels run down the rows
+    assert (strip[:, :12] == 0).all() and (strip[:, 212:] == 0).all()  # padded black
+    assert 0 < strip[:, 100].min() and strip[:, 100].max() < 1  # the middle of the line
