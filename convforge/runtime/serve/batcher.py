@@ -16,26 +16,35 @@ of more rows than ``max_batch_size`` is split into full batches.
 ``max_batch_size=1`` turns batching off.
 
 Each runner (a loaded backend instance) is used by one thread at a time, and
-several runners (``--instances``) take batches from the same queue. When
-``max_queue`` requests are already waiting, :meth:`Batcher.infer` raises
-:class:`QueueFull` at once (the server answers 503 with Retry-After) instead
-of letting memory grow; a request that waits longer than ``timeout_s`` raises
-:class:`RequestTimeout` and is dropped from the queue. A runner that wants one
-batch size only (``pad_to``) gets every batch padded to it.
+several runners (``--instances``) take batches from the same queue.
+
+Admission is all-or-nothing, by rows: a request is queued whole when fewer
+than ``max_queue`` requests wait and its rows fit in what is left of
+``max_queue_rows``; otherwise :meth:`Batcher.infer` raises :class:`QueueFull`
+at once (the server answers 503 with Retry-After), so one large request can
+neither half-run nor crowd out the others. A request that waits longer than
+``timeout_s`` raises :class:`RequestTimeout`; a caller that is cancelled (a
+gRPC client that cancels or whose deadline passes) takes its rows out of the
+queue too. A runner that wants one batch size only (``pad_to``) gets every
+batch padded to it. A worker survives any error of a batch (its callers get
+the error); :attr:`Batcher.alive` says whether every worker still runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from convforge.errors import UserError, check_int
-from convforge.settings import setting
+from convforge.errors import UserError
+from convforge.settings import check_ranges, setting
+
+log = logging.getLogger("convforge.serve")
 
 
 class QueueFull(Exception):
@@ -56,28 +65,55 @@ class ShuttingDown(Exception):
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = setting(32, "rows per backend call, at most (1 = no batching)")
-    max_queue_delay_ms: float = setting(2.0, "longest wait for more rows before a batch runs")
-    max_queue: int = setting(256, "requests waiting at most; beyond: 503 with Retry-After")
-    instances: int = setting(1, "backend instances per model, sharing the queue")
-    timeout_s: float = setting(30.0, "a request waiting longer is answered 504")
+    max_batch_size: int = setting(
+        32, "rows per backend call, at most (1 = no batching)", minimum=1, maximum=4096
+    )
+    max_queue_delay_ms: float = setting(
+        2.0, "longest wait for more rows before a batch runs", minimum=0, maximum=10_000
+    )
+    max_queue: int = setting(
+        256, "requests waiting at most; beyond: 503 with Retry-After", minimum=1, maximum=100_000
+    )
+    max_queue_rows: int = setting(
+        1024, "rows waiting at most, all requests together; a request whose rows do not all "
+        "fit: 503 with Retry-After", minimum=1, maximum=1_000_000,
+    )  # fmt: skip
+    max_request_rows: int = setting(
+        256, "rows one request may carry; beyond: 400", minimum=1, maximum=1_000_000
+    )
+    instances: int = setting(1, "backend instances per model, sharing the queue", minimum=1,
+                             maximum=64)  # fmt: skip
+    timeout_s: float = setting(
+        30.0, "a request waiting longer is answered 504", minimum=0.001, maximum=86_400
+    )
 
     def check(self) -> BatchingConfig:
-        for name in ("max_batch_size", "max_queue", "instances"):
-            check_int(f"--{name.replace('_', '-')}", getattr(self, name))
-        if self.max_queue_delay_ms < 0 or self.timeout_s <= 0:
+        check_ranges(self)
+        if self.max_request_rows > self.max_queue_rows:
             raise UserError(
-                "--max-queue-delay-ms must be >= 0 and --timeout-s positive, got "
-                f"{self.max_queue_delay_ms} and {self.timeout_s}"
+                f"--max-request-rows ({self.max_request_rows}) must be at most --max-queue-rows "
+                f"({self.max_queue_rows}): a larger request could never be admitted"
             )
         return self
 
 
 @dataclass
-class _Request:
+class _Ticket:
+    """One admitted request: counted against the queue's budgets while parts of it wait."""
+
+    parts: int
+    rows: int
+
+
+@dataclass
+class _Part:
+    """A slice of a request (at most ``max_batch_size`` rows) waiting for a worker."""
+
     rows: np.ndarray
     future: asyncio.Future
     enqueued: float  # loop time
+    ticket: _Ticket
+    queued: bool = field(default=True)
 
 
 class Batcher:
@@ -102,13 +138,15 @@ class Batcher:
         self.runners = runners
         self.pad_to = pad_to
         self.observe = observe or (lambda event, value: None)
-        self._queue: asyncio.Queue[_Request] | None = None
+        self._queue: asyncio.Queue[_Part] | None = None
         self._workers: list[asyncio.Task] = []
         self._executors = [
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"convforge-runner-{i}")
             for i in range(len(runners))
         ]
-        self._in_flight = 0
+        self._waiting = 0  # admitted requests with a part still queued
+        self._waiting_rows = 0  # their rows still queued
+        self._in_flight = 0  # admitted requests not yet answered
         self._concurrent = False  # did the last batch hold more than one request?
         self._stopping = False
         self._mean_batch_s = 0.01  # running estimate, for Retry-After
@@ -118,12 +156,23 @@ class Batcher:
         return self._queue is not None
 
     @property
+    def alive(self) -> bool:
+        """Every worker is running (false before start and once one has died)."""
+        return bool(self._workers) and not any(task.done() for task in self._workers)
+
+    @property
     def depth(self) -> int:
         """Requests waiting in the queue."""
-        return self._queue.qsize() if self._queue is not None else 0
+        return self._waiting
+
+    @property
+    def depth_rows(self) -> int:
+        """Rows waiting in the queue."""
+        return self._waiting_rows
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.config.max_queue)
+        # Unbounded as a container: admission (infer) bounds what enters it.
+        self._queue = asyncio.Queue()
         self._workers = [
             asyncio.create_task(self._work(runner, executor), name=f"batcher-{i}")
             for i, (runner, executor) in enumerate(zip(self.runners, self._executors, strict=True))
@@ -135,26 +184,37 @@ class Batcher:
             raise RuntimeError("call start() before infer()")
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
-        size = self.config.max_batch_size
-        if len(rows) > size:
-            parts = [rows[i : i + size] for i in range(0, len(rows), size)]
-            return np.concatenate(await asyncio.gather(*(self.infer(p) for p in parts)))
+        n, cfg = len(rows), self.config
+        if self._waiting >= cfg.max_queue or self._waiting_rows + n > cfg.max_queue_rows:
+            raise QueueFull(self._waiting, self._retry_after())
         loop = asyncio.get_running_loop()
-        request = _Request(rows, loop.create_future(), loop.time())
-        try:
-            self._queue.put_nowait(request)
-        except asyncio.QueueFull:
-            raise QueueFull(self.depth, self._retry_after()) from None
+        size, now = cfg.max_batch_size, loop.time()
+        ticket = _Ticket(parts=-(-n // size), rows=n)
+        parts = [_Part(rows[i : i + size], loop.create_future(), now, ticket)
+                 for i in range(0, n, size)]  # fmt: skip
+        self._waiting += 1
+        self._waiting_rows += n
         self._in_flight += 1
+        for part in parts:
+            self._queue.put_nowait(part)
+        together = asyncio.gather(*(part.future for part in parts))
+        together.add_done_callback(_retrieve)  # withdrawn parts end it cancelled, unawaited
         try:
-            return await asyncio.wait_for(asyncio.shield(request.future), self.config.timeout_s)
+            outs = await asyncio.wait_for(asyncio.shield(together), cfg.timeout_s)
         except asyncio.TimeoutError:
-            request.future.cancel()  # the worker skips it if it is still queued
+            self._withdraw(parts)
             raise RequestTimeout(
-                f"no answer within {self.config.timeout_s:g} s (the server is overloaded)"
+                f"no answer within {cfg.timeout_s:g} s (the server is overloaded)"
             ) from None
+        except asyncio.CancelledError:  # the caller gave up (a gRPC cancel or deadline)
+            self._withdraw(parts)
+            raise
+        except Exception:
+            self._withdraw(parts)  # one part failed: the others need not run
+            raise
         finally:
             self._in_flight -= 1
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     async def stop(self, drain_s: float = 30.0) -> None:
         """Take no new requests, let queued and running ones finish (up to ``drain_s``),
@@ -169,13 +229,31 @@ class Batcher:
         for executor in self._executors:
             executor.shutdown(wait=True)
 
+    # -- the queue's budgets ---------------------------------------------------------------
+
+    def _dequeued(self, part: _Part) -> None:
+        """``part`` left the queue (taken by a worker or withdrawn): release its budget."""
+        if not part.queued:
+            return
+        part.queued = False
+        self._waiting_rows -= len(part.rows)
+        part.ticket.parts -= 1
+        if part.ticket.parts == 0:
+            self._waiting -= 1
+
+    def _withdraw(self, parts: list[_Part]) -> None:
+        """The caller no longer waits: its queued parts are skipped and release their budget."""
+        for part in parts:
+            part.future.cancel()
+            self._dequeued(part)
+
     # -- the worker ----------------------------------------------------------------------------
 
     async def _work(self, runner, executor) -> None:
         loop = asyncio.get_running_loop()
-        leftover: _Request | None = None
+        leftover: _Part | None = None
         while True:
-            first = leftover or await self._queue.get()
+            first = leftover or await self._next()
             leftover = None
             if first.future.done():
                 continue  # timed out or cancelled while queued
@@ -184,13 +262,13 @@ class Batcher:
             deadline = first.enqueued + delay
             while rows < self.config.max_batch_size:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._next_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
                     try:
-                        nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                        nxt = await asyncio.wait_for(self._next(), remaining)
                     except asyncio.TimeoutError:
                         break
                 if nxt.future.done():
@@ -200,19 +278,31 @@ class Batcher:
                     break
                 batch.append(nxt)
                 rows += len(nxt.rows)
-            await self._run(batch, rows, runner, executor, loop)
+            try:
+                await self._run(batch, rows, runner, executor, loop)
+            except Exception as e:  # noqa: BLE001 (a worker must outlive any one batch)
+                log.error("a batch of %d rows failed outside the backend", rows, exc_info=e)
+                _fail(batch, e)
 
-    async def _run(self, batch: list[_Request], rows: int, runner, executor, loop) -> None:
+    async def _next(self) -> _Part:
+        part = await self._queue.get()
+        self._dequeued(part)
+        return part
+
+    def _next_nowait(self) -> _Part:
+        part = self._queue.get_nowait()
+        self._dequeued(part)
+        return part
+
+    async def _run(self, batch: list[_Part], rows: int, runner, executor, loop) -> None:
         start = loop.time()
-        for request in batch:
-            self.observe("queue_s", start - request.enqueued)
-        x = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
+        for part in batch:
+            self.observe("queue_s", start - part.enqueued)
+        x = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
         try:
             out = await loop.run_in_executor(executor, runner, self._padded(x))
         except Exception as e:  # noqa: BLE001 (every caller of the batch gets the error)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(e)
+            _fail(batch, e)
             return
         seconds = loop.time() - start
         self._concurrent = len(batch) > 1
@@ -220,10 +310,10 @@ class Batcher:
         self.observe("compute_s", seconds)
         self.observe("batch_rows", rows)
         offset = 0
-        for request in batch:
-            n = len(request.rows)
-            if not request.future.done():
-                request.future.set_result(out[offset : offset + n])
+        for part in batch:
+            n = len(part.rows)
+            if not part.future.done():
+                part.future.set_result(out[offset : offset + n])
             offset += n
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
@@ -234,5 +324,16 @@ class Batcher:
 
     def _retry_after(self) -> float:
         """Seconds until the queue has room again, roughly (for the Retry-After header)."""
-        batches = self.depth / max(1, self.config.max_batch_size) / len(self.runners)
+        batches = self._waiting_rows / max(1, self.config.max_batch_size) / len(self.runners)
         return max(1.0, round(batches * self._mean_batch_s + 0.5))
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _fail(batch: list[_Part], error: Exception) -> None:
+    for part in batch:
+        if not part.future.done():
+            part.future.set_exception(error)

@@ -4,7 +4,13 @@ Its errors map to gRPC codes as its HTTP twins map to statuses: a client
 mistake is INVALID_ARGUMENT or NOT_FOUND, a full queue RESOURCE_EXHAUSTED, a
 request past its timeout DEADLINE_EXCEEDED, a server that drains
 UNAVAILABLE. The repository load/unload calls are refused (UNIMPLEMENTED), as
-over HTTP. Each ModelInfer is counted in the metrics with its status code.
+over HTTP. Each ModelInfer is counted in the metrics with its status code,
+under its model's name when the model is served ("unknown" otherwise, so that
+made-up names cannot grow the metrics). An unexpected error is INTERNAL with
+a message that reveals nothing of the server (the log has the rest). At most
+``max_concurrent`` calls run at once (beyond: RESOURCE_EXHAUSTED), and the
+port is bound without SO_REUSEPORT: a port another server holds is an error,
+not a port shared with it.
 """
 
 from __future__ import annotations
@@ -58,12 +64,12 @@ class _Errors(AsyncExceptionToStatusInterceptor):
                 message = getattr(ex, "reason", None) or str(ex)
                 await context.abort(code, message)
         log.error("gRPC %s failed", method_name, exc_info=ex)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {ex}")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
 
 class _Metrics(AsyncServerInterceptor):
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: ServerMetrics, served) -> None:
+        self.metrics, self.served = metrics, served
 
     async def intercept(self, method, request_or_iterator, context, method_name):
         if not method_name.endswith("/ModelInfer"):
@@ -77,20 +83,29 @@ class _Metrics(AsyncServerInterceptor):
             code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
             raise
         finally:
-            model = getattr(request_or_iterator, "model_name", "") or "unknown"
+            model = getattr(request_or_iterator, "model_name", "")
+            model = model if self.served(model) else "unknown"
             self.metrics.answered(model, "grpc", code, time.perf_counter() - start)
 
 
 def build_server(
-    dataplane, repository_extension, metrics: ServerMetrics, address: str, max_message_bytes: int
+    dataplane,
+    repository_extension,
+    metrics: ServerMetrics,
+    address: str,
+    max_message_bytes: int,
+    max_concurrent: int,
 ) -> grpc.aio.Server:
-    """An unstarted gRPC server for the v2 protocol on ``address`` (host:port)."""
+    """An unstarted gRPC server for the v2 protocol on ``address`` (host:port), its port bound."""
+    served = lambda name: dataplane.model_registry.get_model(name) is not None  # noqa: E731
     server = grpc.aio.server(
-        interceptors=(_Metrics(metrics), _Errors()),
+        interceptors=(_Metrics(metrics, served), _Errors()),
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=max_concurrent,
     )
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         _Servicer(dataplane, repository_extension), server

@@ -15,25 +15,44 @@ DataPlane and model repository); around them:
   a 503 with Retry-After, a request past its timeout a 504;
 * tritonclient sends no Content-Type: the body is marked JSON, or binary when
   the ``Inference-Header-Content-Length`` header is there;
-* a body over ``max_body_bytes`` is a 413 before it is read in full.
+* every body is read here before the application sees it: a body over
+  ``--max-body-mb`` (``--max-json-mb`` for JSON, which costs ~10x its size to
+  parse) is a 413 before it is read in full, one not received within
+  ``--request-timeout-s`` a 408, one that would take the bodies held at once
+  past ``--max-buffered-mb`` a 503; a client that disconnects mid-body gets
+  nothing (its partial body is never taken for the whole);
+* past the bodies, at most ``--max-concurrent`` requests are worked on at
+  once (beyond: 503 with Retry-After);
+* the binary extension's JSON header is validated with the same schema as a
+  JSON request (kserve's ``InferenceRequest``), and each tensor's size is
+  computed exactly before anything is allocated;
+* an image to classify is one of JPEG, PNG or WebP, at most ``--max-image-mp``
+  megapixels (read from its header), decoded and resized on a bounded thread
+  pool, off the event loop; a multipart form holds one file and a few fields;
+* the metrics name a model only if it is served ("unknown" otherwise).
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orjson
+import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from convforge.errors import UserError
 from convforge.runtime.model import top_k
-from convforge.runtime.preprocess import preprocess
+from convforge.runtime.preprocess import UPLOAD_FORMATS, preprocess
 from convforge.runtime.serve.batcher import QueueFull, RequestTimeout, ShuttingDown
 from convforge.runtime.serve.kserve_sdk import (
     DataPlane,
+    InferenceRequestSchema,
     InferInput,
     InferRequest,
     ModelRepository,
@@ -48,6 +67,8 @@ from convforge.runtime.serve.metrics import CONTENT_TYPE, ServerMetrics
 BINARY_HEADER = b"inference-header-content-length"
 REPOSITORY_PATH = "/v2/repository/"  # kserve's load/unload routes: not served
 MAX_TOPK = 1000
+MAX_DIM = 2**31 - 1  # one tensor dimension, at most (the body bounds the product anyway)
+MULTIPART_FIELDS = 8  # form fields besides the one image file
 
 
 class ConvforgeDataPlane(DataPlane):
@@ -56,6 +77,14 @@ class ConvforgeDataPlane(DataPlane):
     def __init__(self, model_registry: ModelRepository) -> None:
         super().__init__(model_registry=model_registry)
         self.draining = False
+
+    async def get_model(self, name: str):
+        """The served model; ModelNotReady while it loads (kserve's would call ``load()`` on
+        the event loop, for an engine build of minutes, racing the load under way)."""
+        model = self.get_model_from_registry(name)
+        if not model.ready:
+            raise errors.ModelNotReady(name)
+        return model
 
     async def ready(self) -> bool:
         models = self.model_registry.get_models().values()
@@ -93,40 +122,51 @@ def binary_request(body: bytes, headers: dict, model_name: str) -> InferRequest:
     start = int(length)
     try:
         header = orjson.loads(body[:start])
-        specs = header["inputs"]
-        if not isinstance(specs, list):
-            raise TypeError("'inputs' is not a list")
-    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+        # The same schema as a JSON request's; binary inputs carry no "data" in the header.
+        if isinstance(header, dict) and isinstance(header.get("inputs"), list):
+            filled = [{"data": [], **i} if isinstance(i, dict) else i for i in header["inputs"]]
+            header = {**header, "inputs": filled}
+        checked = InferenceRequestSchema.model_validate(header)
+    except orjson.JSONDecodeError as e:
         raise errors.InvalidInput(f"the JSON part of the binary request is invalid: {e}") from None
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise errors.InvalidInput(
+            f"the JSON part of the binary request is invalid: {where}: {first['msg']}"
+        ) from None
     inputs = []
-    for spec in specs:
-        tensor = InferInput(spec["name"], spec["shape"], spec["datatype"], spec.get("data"),
-                            spec.get("parameters"))  # fmt: skip
-        if tensor.data is None:
-            size = (spec.get("parameters") or {}).get("binary_data_size")
-            dtype = to_np_dtype(tensor.datatype)
-            if not isinstance(size, int) or size < 0 or dtype is None:
+    for spec in checked.inputs:
+        if any(not 0 <= d <= MAX_DIM for d in spec.shape):
+            raise errors.InvalidInput(f"input {spec.name!r}: shape {spec.shape} is out of range")
+        params = spec.parameters or {}
+        tensor = InferInput(spec.name, spec.shape, spec.datatype, spec.data or None, params)
+        if not spec.data:
+            size = params.get("binary_data_size")
+            dtype = to_np_dtype(spec.datatype)
+            numeric = dtype is not None and np.dtype(dtype).kind in "biuf"
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not numeric:
                 raise errors.InvalidInput(
-                    f"input {tensor.name!r} needs data or a binary_data_size, and a numeric "
-                    f"datatype (got {tensor.datatype})"
+                    f"input {spec.name!r} needs data or a binary_data_size, and a numeric "
+                    f"datatype (got {spec.datatype})"
                 )
-            needed = int(np.prod(tensor.shape)) * np.dtype(dtype).itemsize
+            needed = math.prod(spec.shape) * np.dtype(dtype).itemsize  # exact: no overflow
             if size != needed or start + size > len(body):
                 raise errors.InvalidInput(
-                    f"input {tensor.name!r}: {size} bytes given ({len(body) - start} left in "
-                    f"the body), shape {tensor.shape} of {tensor.datatype} needs {needed}"
+                    f"input {spec.name!r}: {size} bytes given ({len(body) - start} left in "
+                    f"the body), shape {spec.shape} of {spec.datatype} needs {needed}"
                 )
             tensor._raw_data = body[start : start + size]
             start += size
         inputs.append(tensor)
     if start != len(body):
         raise errors.InvalidInput(f"{len(body) - start} bytes follow the last binary input")
-    outputs = [RequestedOutput(o["name"], o.get("parameters")) for o in header.get("outputs", [])]
+    outputs = [RequestedOutput(o.name, o.parameters) for o in checked.outputs or []]
     return InferRequest(
         model_name=model_name,
         infer_inputs=inputs,
-        request_id=header.get("id"),
-        parameters=header.get("parameters"),
+        request_id=checked.id,
+        parameters=checked.parameters,
         request_outputs=outputs or None,
     )
 
@@ -135,12 +175,16 @@ def build_app(
     dataplane: ConvforgeDataPlane,
     repository_extension: ModelRepositoryExtension,
     metrics: ServerMetrics,
-    max_body_bytes: int,
+    limits,
 ):
-    """The ASGI application: FastAPI with the v2 protocol, wrapped by :class:`_Guard`."""
+    """The ASGI application: FastAPI with the v2 protocol, wrapped by :class:`_Guard`.
+
+    ``limits`` is the server's :class:`~convforge.runtime.serve.server.ServeConfig`."""
     app = FastAPI(title="convforge", docs_url=None, redoc_url=None, openapi_url=None)
     register_v2_endpoints(app, dataplane, repository_extension)
     _add_error_handlers(app)
+    # Decoding an image is CPU work: a few threads, never the event loop.
+    decoders = ThreadPoolExecutor(min(4, len(_cpus())), thread_name_prefix="convforge-classify")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -149,14 +193,17 @@ def build_app(
     @app.post("/v1/models/{model_name}/classify")
     async def classify(model_name: str, request: Request, topk: int = 5) -> dict:
         """One image (raw body or multipart) -> top-k labels with probabilities."""
-        model = dataplane.model_registry.get_model(model_name)
-        if model is None:
-            raise errors.ModelNotFound(model_name)
+        model = await dataplane.get_model(model_name)
         if not 1 <= topk <= MAX_TOPK:
             raise errors.InvalidInput(f"topk must be between 1 and {MAX_TOPK}, got {topk}")
         image = await _image_bytes(request)
-        try:  # bytes, so a large JPEG decodes in draft mode (convforge.runtime.preprocess)
-            rows = preprocess([image], model.info)
+
+        def decode():  # bytes, so a large JPEG decodes in draft mode
+            return preprocess([image], model.info, workers=1, formats=UPLOAD_FORMATS,
+                              max_pixels=model.max_image_pixels)  # fmt: skip
+
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(decoders, decode)
         except UserError as e:
             raise errors.InvalidInput(str(e)) from None
         logits = await model.infer(rows)
@@ -166,13 +213,19 @@ def build_app(
             raise errors.InvalidInput(f"{model_name}: {e}") from None
         return {"model_name": model_name, "predictions": [p.__dict__ for p in best]}
 
-    return _Guard(app, dataplane, metrics, max_body_bytes)
+    return _Guard(app, dataplane, metrics, limits)
+
+
+def _cpus() -> set:
+    import os
+
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}
 
 
 async def _image_bytes(request: Request) -> bytes:
-    """The image of a classify request: the raw body, or the first file of a multipart form."""
+    """The image of a classify request: the raw body, or the one file of a multipart form."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
+        form = await request.form(max_files=1, max_fields=MULTIPART_FIELDS)
         files = [v for v in form.values() if hasattr(v, "read")]
         if not files:
             raise errors.InvalidInput("the multipart form holds no file")
@@ -224,13 +277,24 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
 
 
-class _Guard:
-    """ASGI wrapper: body-size limit (413), a Content-Type for tritonclient's requests,
-    and the request counters and latency of /metrics."""
+class _Disconnected(Exception):
+    """The client went away before its body was complete."""
 
-    def __init__(self, app, dataplane, metrics: ServerMetrics, max_body_bytes: int) -> None:
-        self.app, self.dataplane = app, dataplane
-        self.metrics, self.max_body_bytes = metrics, max_body_bytes
+
+class _Guard:
+    """ASGI wrapper: the body limits, deadline and budget, the concurrency cap, a
+    Content-Type for tritonclient's requests, and the request counters and latency of
+    /metrics (see the module docstring)."""
+
+    def __init__(self, app, dataplane, metrics: ServerMetrics, limits) -> None:
+        self.app, self.dataplane, self.metrics = app, dataplane, metrics
+        self.max_body = int(limits.max_body_mb * 2**20)
+        self.max_json = int(min(limits.max_json_mb, limits.max_body_mb) * 2**20)
+        self.budget = int(limits.max_buffered_mb * 2**20)
+        self.timeout_s = limits.request_timeout_s
+        self.max_concurrent = limits.max_concurrent
+        self.buffered = 0  # body bytes held now, all requests together
+        self.working = 0  # requests past their body, not yet answered
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -238,19 +302,7 @@ class _Guard:
         if scope["path"].startswith(REPOSITORY_PATH):
             return await _json(send, 404, b'{"error":"this server does not load or unload models"}')
         headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await self._too_large(send)
-        if length is None and scope["method"] in ("POST", "PUT"):
-            # A chunked body: read it here (up to the limit), then hand it on.
-            body = await self._read_limited(receive)
-            if body is None:
-                return await self._too_large(send)
-            receive = _replay(body)
-        if scope["method"] == "POST" and b"content-type" not in headers:
-            kind = b"application/octet-stream" if BINARY_HEADER in headers else b"application/json"
-            scope = {**scope, "headers": [*scope["headers"], (b"content-type", kind)]}
-        model = _model_of(scope["path"])
+        model = self._model_label(scope["path"])
         start = time.perf_counter()
         status = [500]
 
@@ -259,39 +311,100 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
+        held = 0
         try:
-            await self.app(scope, receive, counting_send)
+            if scope["method"] in ("POST", "PUT"):
+                limit, kind = self._limit(scope["path"], headers)
+                length = headers.get(b"content-length")
+                if length is not None and (not length.isdigit() or int(length) > limit):
+                    return await self._too_large(counting_send, limit, kind)
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        body, held = await self._read_body(receive, limit)
+                except TimeoutError:
+                    message = f"the request body did not arrive within {self.timeout_s:g} s"
+                    return await _json(counting_send, 408, _message(message), close=True)
+                except _Disconnected:
+                    status[0] = 499  # nginx's "client closed request": nothing to answer
+                    return
+                if body is None:
+                    return await self._too_large(counting_send, limit, kind)
+                if held < 0:
+                    message = "the server holds too many request bodies now; retry later"
+                    return await _json(counting_send, 503, _message(message), close=True,
+                                       retry_after=1)  # fmt: skip
+                receive = _replay(body)
+            if scope["method"] == "POST" and b"content-type" not in headers:
+                binary = BINARY_HEADER in headers
+                ctype = b"application/octet-stream" if binary else b"application/json"
+                scope = {**scope, "headers": [*scope["headers"], (b"content-type", ctype)]}
+            if self.working >= self.max_concurrent:
+                message = f"the server works on {self.max_concurrent} requests already; retry later"
+                return await _json(counting_send, 503, _message(message), retry_after=1)
+            self.working += 1
+            try:
+                await self.app(scope, receive, counting_send)
+            finally:
+                self.working -= 1
         finally:
+            self.buffered -= max(held, 0)
             if model is not None:
                 seconds = time.perf_counter() - start
                 self.metrics.answered(model, "http", str(status[0]), seconds)
 
-    async def _read_limited(self, receive) -> bytes | None:
-        """The whole body, or None once it passes the limit."""
+    def _limit(self, path: str, headers: dict) -> tuple[int, str]:
+        """The largest body this request may send, and what kind of body that is."""
+        if path.endswith("/infer") and BINARY_HEADER not in headers:
+            return self.max_json, "--max-json-mb"
+        return self.max_body, "--max-body-mb"
+
+    async def _read_body(self, receive, limit: int) -> tuple[bytes | None, int]:
+        """``(body, bytes held)``: ``(None, held)`` once it passes ``limit``, ``(b"", -1)`` when
+        the budget of bodies held at once is spent; _Disconnected when the client leaves."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return b"".join(chunks)
+                self.buffered -= size
+                raise _Disconnected
             chunk = message.get("body", b"")
+            if size + len(chunk) > limit:
+                self.buffered -= size
+                return None, 0
+            if self.buffered + len(chunk) > self.budget:
+                self.buffered -= size
+                return b"", -1
             size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
+            self.buffered += len(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return b"".join(chunks), size
 
-    async def _too_large(self, send) -> None:
-        limit = f"{self.max_body_bytes / 2**20:g}".encode()
-        body = b'{"error":"the request body is larger than --max-body-mb (' + limit + b' MiB)"}'
-        await _json(send, 413, body, close=True)
+    def _model_label(self, path: str) -> str | None:
+        """The metrics label of an inference path: its model if served, else "unknown"."""
+        name = _model_of(path)
+        if name is None:
+            return None
+        return name if self.dataplane.model_registry.get_model(name) is not None else "unknown"
+
+    async def _too_large(self, send, limit: int, option: str) -> None:
+        message = f"the request body is larger than {option} ({limit / 2**20:g} MiB)"
+        await _json(send, 413, _message(message), close=True)
 
 
-async def _json(send, status: int, body: bytes, close: bool = False) -> None:
+def _message(text: str) -> bytes:
+    return orjson.dumps({"error": text})
+
+
+async def _json(
+    send, status: int, body: bytes, close: bool = False, retry_after: int | None = None
+) -> None:
     """Answer from the ASGI layer with a JSON error (the app never sees the request)."""
     headers = [(b"content-type", b"application/json")]
     if close:
         headers.append((b"connection", b"close"))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

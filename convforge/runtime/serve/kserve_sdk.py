@@ -28,6 +28,7 @@ try:
         RequestedOutput,
     )
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest as InferenceRequestSchema
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
     from kserve.utils.numpy_codec import to_np_dtype
 finally:
@@ -39,6 +40,7 @@ __all__ = [
     "InferOutput",
     "InferRequest",
     "InferResponse",
+    "InferenceRequestSchema",
     "InferenceServicer",
     "ModelRepository",
     "ModelRepositoryExtension",

@@ -13,7 +13,13 @@ half-precision batches), shape ``[n, C, H, W]`` with ``n >= 1``, and as many
 values as the shape says; for a file whose input format is uint8, UINT8
 pixels of shape ``[n, H, W, C]`` (JSON values: integers 0-255). Each mistake
 is ``kserve.errors.InvalidInput`` (HTTP 400, gRPC INVALID_ARGUMENT) naming
-what was wrong.
+what was wrong; so is a request of more rows than ``max_request_rows``
+(checked from its shape, before its data is converted) and one that asks for
+anything but the model's one output, once (a response is never larger than
+its rows' logits).
+
+``ready`` is true once loaded and while every batcher worker runs: a dead
+worker takes the model, and so the server, out of readiness.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ class ServedModel(kserve.Model):
         options: dict | None = None,
         batching: BatchingConfig | None = None,
         metrics: ServerMetrics | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__(name)
+        self.max_image_pixels = max_image_pixels  # classify's limit (None: Pillow's own)
         self.path = str(path)
         self.info = read_info(path)
         self.backend_name = backend
@@ -59,6 +67,16 @@ class ServedModel(kserve.Model):
         self.skipped: list[dict] = []  # auto's candidates that could not run the file
         self.num_classes: int | None = None
         self.batcher: Batcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        batcher = getattr(self, "batcher", None)
+        alive = batcher is None or not batcher.started or batcher.alive
+        return getattr(self, "_loaded", False) and alive
+
+    @ready.setter
+    def ready(self, value: bool) -> None:  # kserve.Model sets it
+        self._loaded = value
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -90,11 +108,11 @@ class ServedModel(kserve.Model):
         if not self.batcher.started:
             await self.batcher.start()
 
-    async def stop(self) -> None:
-        """Not ready; finish what is queued; release the backends."""
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Not ready; finish what is queued (up to ``drain_s``); release the backends."""
         self.ready = False
         if self.batcher is not None:
-            await self.batcher.stop()
+            await self.batcher.stop(drain_s)
         for backend in self.backends:
             backend.close()
 
@@ -124,6 +142,7 @@ class ServedModel(kserve.Model):
         return [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, self.num_classes or -1]}]
 
     async def predict(self, request: InferRequest, headers=None) -> InferResponse:
+        self.check_outputs(request)
         logits = await self.infer(self.input_rows(request))
         out = InferOutput(OUTPUT_NAME, list(logits.shape), "FP32")
         out.set_data_from_numpy(np.ascontiguousarray(logits, np.float32), binary_data=False)
@@ -141,6 +160,16 @@ class ServedModel(kserve.Model):
             raise errors.ModelNotReady(self.name)
         await self.start()
         return await self.batcher.infer(rows)
+
+    def check_outputs(self, request: InferRequest) -> None:
+        """InvalidInput unless the request asks for nothing or for the model's one output once."""
+        asked = [o.name for o in request.request_outputs or []]
+        if asked and asked != [OUTPUT_NAME]:
+            shown = asked if len(asked) <= 3 else [*asked[:3], f"... ({len(asked)} in all)"]
+            raise errors.InvalidInput(
+                f"{self.name} has one output, {OUTPUT_NAME!r}: ask for it once or not at all "
+                f"(got {shown})"
+            )
 
     def input_rows(self, request: InferRequest) -> np.ndarray:
         """The request's one input as ``[n, C, H, W]``; InvalidInput naming any mistake."""
@@ -163,6 +192,11 @@ class ServedModel(kserve.Model):
             raise errors.InvalidInput(
                 f"input {INPUT_NAME!r} must have shape {want} ({self.info.spec.layout}, -1: any "
                 f"batch >= 1), got {shape}"
+            )
+        if shape[0] > self.batching.max_request_rows:
+            raise errors.InvalidInput(
+                f"input {INPUT_NAME!r} has {shape[0]} rows; this server takes at most "
+                f"{self.batching.max_request_rows} a request (--max-request-rows)"
             )
         if tensor.datatype == "UINT8" and isinstance(tensor.data, list):
             _check_pixels(tensor.data)  # numpy would wrap 256 to 0 or truncate 1.5 silently

@@ -3,12 +3,21 @@
     config = ServeConfig(models={"digits": "digits.onnx"}, port=8000, grpc_port=8001)
     asyncio.run(serve(config))
 
-Order of events: both servers listen at once (``/v2/health/live`` answers
-while models load), every model is loaded and warmed up at each batch size
-it will run, and only then does the server report ready. SIGTERM or SIGINT
-marks it not ready, stops taking connections, lets requests in flight and in
-the queues finish (up to ``drain_s``), and closes the backends. It binds
-127.0.0.1 unless told otherwise.
+Order of events: the HTTP server listens at once (``/v2/health/live``
+answers while models load; ready does not), every model is loaded and warmed
+up at each batch size it will run, then gRPC starts (its port is bound, so
+taken, from the beginning) and the server reports ready. SIGTERM or SIGINT
+marks it not ready at once, keeps serving for ``drain_delay_s`` (so load
+balancers see it and stop sending), then stops taking connections, lets
+requests in flight and in the queues finish (up to ``drain_s``), and closes
+the backends; a second signal exits at once. It binds 127.0.0.1 unless told
+otherwise.
+
+Every limit a hostile client could test is a setting here or in
+:class:`BatchingConfig`, range-checked before anything starts: the size of a
+request's head (16 KiB) and body (``max_body_mb``, ``max_json_mb`` for JSON),
+the time to send them (``request_timeout_s``), connections, requests worked on
+at once, body bytes held at once, rows queued, and image pixels.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -29,7 +39,8 @@ from convforge.runtime.serve.grpc_server import build_server
 from convforge.runtime.serve.http_app import build_app, new_dataplane
 from convforge.runtime.serve.metrics import ServerMetrics
 from convforge.runtime.serve.model import ServedModel, load_all
-from convforge.settings import setting
+from convforge.runtime.serve.transport import deadlined_h11
+from convforge.settings import check_ranges, setting
 
 log = logging.getLogger("convforge.serve")
 
@@ -39,12 +50,58 @@ class ServeConfig:
     models: dict[str, str] = setting(factory=dict, help="name -> .onnx path", cli=False)
     backend: str = setting("auto", "backend of every model (see `convforge backends`)")
     host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 serves every interface")
-    port: int = setting(8000, "HTTP port (0: a free one)")
-    grpc_port: int = setting(8001, "gRPC port (0: a free one; -1: no gRPC)")
-    max_body_mb: float = setting(64.0, "largest request body; beyond: 413")
-    drain_s: float = setting(30.0, "on SIGTERM/SIGINT, how long requests in flight may finish")
+    port: int = setting(8000, "HTTP port (0: a free one)", minimum=0, maximum=65535)
+    grpc_port: int = setting(
+        8001, "gRPC port (0: a free one; -1: no gRPC)", minimum=-1, maximum=65535
+    )
+    max_body_mb: float = setting(
+        64.0, "largest request body (binary tensors, images); beyond: 413", minimum=0.001,
+        maximum=4096,
+    )  # fmt: skip
+    max_json_mb: float = setting(
+        8.0, "largest JSON request body (parsing costs ~10x its size); beyond: 413",
+        minimum=0.001, maximum=4096,
+    )  # fmt: skip
+    max_image_mp: float = setting(
+        40.0, "largest image to classify, in megapixels (checked before decoding); beyond: 400",
+        minimum=0.001, maximum=1000,
+    )  # fmt: skip
+    request_timeout_s: float = setting(
+        30.0, "a client must send a request's head, then its body, within this; else the "
+        "connection is closed (head) or answered 408 (body)", minimum=0.1, maximum=3600,
+    )  # fmt: skip
+    max_connections: int = setting(
+        1000, "open HTTP connections at most; a request beyond: 503", minimum=1, maximum=100_000
+    )
+    max_concurrent: int = setting(
+        64, "requests worked on at once, per protocol (HTTP, gRPC); beyond: 503 / "
+        "RESOURCE_EXHAUSTED", minimum=1, maximum=10_000,
+    )  # fmt: skip
+    max_buffered_mb: float = setting(
+        1024.0, "request bodies held in memory at once, all clients together; beyond: 503",
+        minimum=1, maximum=1_000_000,
+    )  # fmt: skip
+    drain_s: float = setting(
+        30.0, "on SIGTERM/SIGINT, how long requests in flight may finish", minimum=0,
+        maximum=3600,
+    )  # fmt: skip
+    drain_delay_s: float = setting(
+        5.0, "on SIGTERM/SIGINT, how long to keep serving while not ready (for load "
+        "balancers to notice) before closing the listeners", minimum=0, maximum=3600,
+    )  # fmt: skip
     options: dict = setting(factory=dict, help="backend options", cli=False)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def check(self) -> ServeConfig:
+        """This config if every number is in range (one line naming the first that is not)."""
+        check_ranges(self)
+        self.batching.check()
+        if self.max_buffered_mb < self.max_body_mb:
+            raise UserError(
+                f"--max-buffered-mb ({self.max_buffered_mb:g}) must be at least --max-body-mb "
+                f"({self.max_body_mb:g}): a largest body could never be held"
+            )
+        return self
 
 
 @dataclass
@@ -67,52 +124,70 @@ class _Uvicorn(uvicorn.Server):
 
 async def serve(config: ServeConfig, on_ready: Callable[[Running], None] | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``Running.stop()``), then drain and return."""
+    config.check()
     metrics = ServerMetrics()
     dataplane, extension = new_dataplane()
     models = [
-        ServedModel(name, path, config.backend, config.options, config.batching, metrics)
+        ServedModel(
+            name,
+            path,
+            config.backend,
+            config.options,
+            config.batching,
+            metrics,
+            max_image_pixels=int(config.max_image_mp * 1e6),
+        )  # fmt: skip
         for name, path in config.models.items()
     ]
     for model in models:
         dataplane.model_registry.update(model)
-    max_body = int(config.max_body_mb * 2**20)
-    app = build_app(dataplane, extension, metrics, max_body)
+    app = build_app(dataplane, extension, metrics, config)
     http = _Uvicorn(
         uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                       access_log=False, lifespan="off", timeout_graceful_shutdown=config.drain_s)
+                       access_log=False, lifespan="off", timeout_graceful_shutdown=config.drain_s,
+                       http=deadlined_h11(config.request_timeout_s),
+                       limit_concurrency=config.max_connections)
     )  # fmt: skip
     sock = _bind(config.host, config.port)
     grpc_server, grpc_address = None, None
     if config.grpc_port >= 0:
         grpc_server = build_server(
-            dataplane, extension, metrics, f"{config.host}:{config.grpc_port}", max_body
-        )
+            dataplane, extension, metrics, f"{config.host}:{config.grpc_port}",
+            int(config.max_body_mb * 2**20), config.max_concurrent,
+        )  # fmt: skip
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
         loop.call_soon_threadsafe(stopping.set)
 
+    def on_signal() -> None:
+        if stopping.is_set():  # the second Ctrl-C: the user will not wait for the drain
+            log.warning("convforge serve: stopped at once (second signal)")
+            os._exit(130)
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stopping.set)
+            loop.add_signal_handler(sig, on_signal)
     http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
     try:
-        if grpc_server is not None:
-            await grpc_server.start()
         while not http.started and not http_task.done():
             await asyncio.sleep(0.01)
         port = sock.getsockname()[1]
-        if grpc_server is not None:
-            grpc_address = f"{config.host}:{_grpc_port(grpc_server, config.grpc_port)}"
         load = asyncio.create_task(load_all(models))
         await asyncio.wait([load, asyncio.create_task(stopping.wait())],
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         if load.done():
             load.result()
+            if grpc_server is not None:  # only now: an early call would find no model ready
+                await grpc_server.start()
+                grpc_address = f"{config.host}:{_grpc_port(grpc_server, config.grpc_port)}"
             if on_ready is not None:
                 on_ready(Running(f"http://{config.host}:{port}", grpc_address, models, stop))
             await stopping.wait()
+            dataplane.draining = True  # not ready from now on, still serving
+            await asyncio.sleep(config.drain_delay_s)
         else:
             load.cancel()
     finally:
@@ -122,7 +197,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[Running], None] | None 
             await grpc_server.stop(config.drain_s)
         await asyncio.gather(http_task, return_exceptions=True)
         for model in models:
-            await model.stop()
+            await model.stop(config.drain_s)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)

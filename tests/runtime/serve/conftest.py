@@ -55,7 +55,7 @@ def start(**overrides) -> Server:
     batching = overrides.pop("batching", BatchingConfig(max_batch_size=8, max_queue_delay_ms=2))
     config = ServeConfig(
         models={"digits": str(MODEL)}, backend="ort-cpu", port=0, grpc_port=0,
-        batching=batching, max_body_mb=1.0, **overrides,
+        batching=batching, max_body_mb=1.0, max_json_mb=1.0, drain_delay_s=0.0, **overrides,
     )  # fmt: skip
     return Server(config)
 

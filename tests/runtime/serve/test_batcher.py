@@ -221,7 +221,85 @@ def test_metrics_hooks_and_config_checks():
 
     _run(main())
     assert seen == ["queue_s", "compute_s", "batch_rows"]
-    with pytest.raises(UserError, match="--max-batch-size must be a positive integer"):
+    with pytest.raises(UserError, match="--max-batch-size must be an integer from 1 to 4096"):
         BatchingConfig(max_batch_size=0).check()
-    with pytest.raises(UserError, match="--max-queue-delay-ms must be >= 0"):
+    with pytest.raises(UserError, match="--max-queue-delay-ms must be a number from 0 to"):
         BatchingConfig(max_queue_delay_ms=-1).check()
+    with pytest.raises(UserError, match="--timeout-s must be a number from 0.001 to 86400"):
+        BatchingConfig(timeout_s=float("nan")).check()
+    with pytest.raises(UserError, match="--max-request-rows .* at most --max-queue-rows"):
+        BatchingConfig(max_request_rows=64, max_queue_rows=32).check()
+
+
+def test_admission_is_all_or_nothing_by_rows():
+    """A request whose rows do not all fit in the row budget is refused whole (nothing of it
+    queued or run), while a small one still gets in."""
+
+    async def main():
+        runner = Recorder(delay=0.1)
+        config = BatchingConfig(max_batch_size=4, max_queue_rows=8, max_request_rows=8,
+                                max_queue_delay_ms=0)  # fmt: skip
+        batcher = Batcher([runner], config)
+        await batcher.start()
+        running = asyncio.create_task(batcher.infer(_rows(4, 0)))
+        await asyncio.sleep(0.02)  # taken by the worker: the budget is free again
+        queued = asyncio.create_task(batcher.infer(_rows(6, 1)))
+        await asyncio.sleep(0)
+        assert batcher.depth_rows == 6
+        with pytest.raises(QueueFull):
+            await batcher.infer(_rows(3, 2))  # 6 + 3 > 8
+        assert batcher.depth_rows == 6  # nothing of the refused request entered
+        small = await batcher.infer(_rows(2, 3))  # 6 + 2 fits
+        await asyncio.gather(running, queued)
+        await batcher.stop()
+        return runner, small
+
+    runner, small = _run(main())
+    assert small[:, 0].tolist() == [3, 4]
+    assert sum(runner.batches) == 4 + 6 + 2  # the refused rows never ran
+
+
+def test_a_cancelled_caller_takes_its_rows_out_of_the_queue():
+    async def main():
+        runner = Recorder(delay=0.1)
+        batcher = Batcher([runner], BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
+        await batcher.start()
+        busy = asyncio.create_task(batcher.infer(_rows(2, 0)))
+        await asyncio.sleep(0.02)
+        gone = asyncio.create_task(batcher.infer(_rows(8, 1)))  # a gRPC client that cancels
+        await asyncio.sleep(0)
+        assert (batcher.depth, batcher.depth_rows) == (1, 8)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert (batcher.depth, batcher.depth_rows) == (0, 0)
+        await busy
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        return runner
+
+    assert _run(main()).batches == [2]  # the cancelled request's 4 batches never ran
+
+
+def test_a_worker_survives_an_error_outside_the_backend():
+    """An exception in the batch's own handling (here the metrics hook) fails that batch's
+    callers, and the worker goes on serving."""
+    calls = []
+
+    def observe(event, value):
+        calls.append(event)
+        if len(calls) == 1:
+            raise RuntimeError("metrics broke")
+
+    async def main():
+        batcher = Batcher([Recorder()], BatchingConfig(max_batch_size=4), observe=observe)
+        await batcher.start()
+        with pytest.raises(RuntimeError, match="metrics broke"):
+            await batcher.infer(_rows(1, 0))
+        alive = batcher.alive
+        out = await batcher.infer(_rows(1, 7))
+        await batcher.stop()
+        return alive, out, batcher.alive
+
+    alive, out, after = _run(main())
+    assert alive and out[0, 0] == 7 and not after

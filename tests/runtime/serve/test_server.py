@@ -147,7 +147,7 @@ def test_binary_data_that_disagrees_with_its_shape_is_a_400(server, shape, cut):
 def test_an_oversized_body_is_a_413(server):
     big = b"0" * (2 * 2**20)  # the fixture server takes 1 MiB
     response = httpx.post(f"{server.url}/v2/models/digits/infer", content=big)
-    assert response.status_code == 413 and "--max-body-mb" in response.json()["error"]
+    assert response.status_code == 413 and "--max-json-mb" in response.json()["error"]
 
     def chunks():  # no Content-Length: the limit holds while reading
         for _ in range(4):

@@ -32,7 +32,7 @@ def server(pixels_model):
     config = ServeConfig(
         models={"digits": str(MODEL), "pixels": str(pixels_model)}, backend="ort-cpu",
         port=0, grpc_port=0, batching=BatchingConfig(max_batch_size=8, max_queue_delay_ms=2),
-        max_body_mb=1.0,
+        max_body_mb=1.0, drain_delay_s=0.0,
     )  # fmt: skip
     with Server(config) as s:
         yield s
