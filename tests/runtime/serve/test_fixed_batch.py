@@ -32,7 +32,8 @@ def test_rows_are_served_in_batches_of_the_fixed_size(fixed):
         want = reference.logits(rows)
     config = ServeConfig(
         models={"fixed": str(fixed)}, backend="ort-cpu", port=0, grpc_port=0,
-        batching=BatchingConfig(max_batch_size=8, max_queue_delay_ms=2), max_body_mb=1.0, drain_delay_s=0.0,
+        batching=BatchingConfig(max_batch_size=8, max_queue_delay_ms=2),
+        max_body_mb=1.0, drain_delay_s=0.0,
     )  # fmt: skip
     with Server(config) as server:
         client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
@@ -70,7 +71,8 @@ def test_classify_on_a_model_that_is_not_a_classifier_is_a_400(tmp_path):
     onnx.save(model, tmp_path / "detector.onnx")
     config = ServeConfig(
         models={"det": str(tmp_path / "detector.onnx")}, backend="ort-cpu", port=0, grpc_port=0,
-        batching=BatchingConfig(max_batch_size=4, max_queue_delay_ms=2), max_body_mb=1.0, drain_delay_s=0.0,
+        batching=BatchingConfig(max_batch_size=4, max_queue_delay_ms=2),
+        max_body_mb=1.0, drain_delay_s=0.0,
     )  # fmt: skip
     image = sorted(FIXTURES.glob("digit-*.png"))[0]
     with Server(config) as server:
