@@ -53,9 +53,10 @@ class Server:
 
 def start(**overrides) -> Server:
     batching = overrides.pop("batching", BatchingConfig(max_batch_size=8, max_queue_delay_ms=2))
+    settings = {"max_body_mb": 1.0, "max_json_mb": 1.0, "drain_delay_s": 0.0, **overrides}
     config = ServeConfig(
         models={"digits": str(MODEL)}, backend="ort-cpu", port=0, grpc_port=0,
-        batching=batching, max_body_mb=1.0, max_json_mb=1.0, drain_delay_s=0.0, **overrides,
+        batching=batching, **settings,
     )  # fmt: skip
     return Server(config)
 
