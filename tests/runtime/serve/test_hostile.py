@@ -285,3 +285,52 @@ def test_sigterm_flips_readiness_first_and_a_second_signal_exits_at_once():
             os.kill(proc.pid, signal.SIGKILL)
     out = proc.stdout.read()
     assert "fork_posix" not in out and "Traceback" not in out
+
+
+def test_connections_past_max_connections_are_503():
+    with start(max_connections=3) as capped:
+        host, port = capped.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(2)]
+        try:
+            time.sleep(0.1)
+            assert httpx.get(f"{capped.url}/v2/health/live").status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.1)
+        _still_serves(capped)
+
+
+def test_bodies_held_at_once_are_bounded():
+    """One client trickling a body holds most of --max-buffered-mb: the next body that
+    would pass it is a 503, and once the first leaves, bodies are taken again."""
+    with start(max_body_mb=1.0, max_buffered_mb=1.0, request_timeout_s=5.0) as capped:
+        host, port = capped.url.removeprefix("http://").split(":")
+        head = (b"POST /v1/models/digits/classify HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 1000000\r\n\r\n")  # fmt: skip
+        with socket.create_connection((host, int(port))) as slow:
+            slow.sendall(head + b"\0" * 900_000)
+            time.sleep(0.3)
+            response = httpx.post(f"{capped.url}/v1/models/digits/classify",
+                                  content=_encoded((64, 64), "PNG") + b"\0" * 200_000)  # fmt: skip
+            assert response.status_code == 503 and "request bodies" in response.json()["error"]
+        time.sleep(0.2)
+        _still_serves(capped)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("/secret/path/model.onnx failed")])
+def test_an_unexpected_grpc_error_reveals_nothing(error):
+    import grpc
+
+    from convforge.runtime.serve.grpc_server import _Errors
+
+    class Context:
+        async def abort(self, code, message):
+            self.aborted = (code, message)
+            raise grpc.aio.AbortError()
+
+    context = Context()
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(_Errors().handle_exception(error, None, context, "/ModelInfer"))
+    code, message = context.aborted
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in message
