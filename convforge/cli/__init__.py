@@ -49,7 +49,12 @@ COMMANDS = {
     "predict": Command("runtime", "top-k classes of images with an exported model"),
     "bench": Command("runtime", "latency/throughput per backend x precision x batch size"),
     "backends": Command("runtime", "each backend's options, and whether it runs here"),
-    "serve": Command("runtime", "serve models over KServe v2 (HTTP, gRPC)", ("kserve",)),
+    # kserve through convforge's import of it: gRPC's settings and sys.argv come first
+    "serve": Command(
+        "runtime",
+        "serve models over KServe v2 (HTTP, gRPC)",
+        ("convforge.runtime.serve.kserve_sdk", "kserve"),
+    ),  # fmt: skip
     "tune": Command("tune", "fastest backend x precision x settings per batch size: a plan"),
     "pipeline": Command("pipeline", "a recipe from data to a deployment decision", PIPELINE),
     "demo": Command("pipeline", "the default recipe (digits), ending in a report", PIPELINE),

@@ -48,7 +48,7 @@ def test_help_lists_every_command(capsys):
         (["serve", f"a={MODEL}", f"a={MODEL}"], "two models are named 'a'"),
         (["serve", "bad name=x.onnx"], "model name 'bad name' must be letters"),
         (["serve", "/no/such.onnx", "--port", "0", "--grpc-port", "-1"], "does not exist"),
-        (["serve", MODEL, "--max-batch-size", "0"], "--max-batch-size must be a positive"),
+        (["serve", MODEL, "--max-batch-size", "0"], "--max-batch-size must be an integer from 1"),
         (
             ["predict", MODEL, IMAGES[0], "--backend", "ort-cpu", "--set", "ort-cpu.thread=2"],
             "backend 'ort-cpu' has no option 'thread'; accepted: threads, graph_optimization",
