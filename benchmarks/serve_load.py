@@ -129,9 +129,11 @@ class Process:
     thread from then on (a full pipe would block the server), the last lines kept."""
 
     def __init__(self, argv: list[str], ready_words: str, env: dict | None = None) -> None:
+        # Run from outside the checkout: `python -m` puts the working directory first on
+        # sys.path, ahead of PYTHONPATH, which can point at another convforge to measure.
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, cwd=tempfile.gettempdir(),
         )  # fmt: skip
         self.argv = argv
         self.lines: collections.deque[str] = collections.deque(maxlen=2000)
@@ -1211,10 +1213,12 @@ def hostile_table(record: dict) -> str:
 
 
 def _convforge_source() -> str:
-    """Where the convforge that ran came from (PYTHONPATH can point the server elsewhere)."""
-    import convforge
-
-    return str(Path(convforge.__file__).parent)
+    """Where the server's convforge comes from (PYTHONPATH can point it elsewhere): asked of
+    a Python started as the server is."""
+    code = "import convforge, os; print(os.path.dirname(convforge.__file__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tempfile.gettempdir(), timeout=60)  # fmt: skip
+    return out.stdout.strip() or out.stderr.strip()[-200:]
 
 
 def _machine() -> dict:
