@@ -48,10 +48,13 @@ log = logging.getLogger("convforge.serve")
 
 
 class QueueFull(Exception):
-    """The queue holds ``max_queue`` requests already; retry after ``retry_after`` seconds."""
+    """The queue has no room for the request's rows; retry after ``retry_after`` seconds."""
 
-    def __init__(self, waiting: int, retry_after: float) -> None:
-        super().__init__(f"the queue is full ({waiting} requests waiting); retry later")
+    def __init__(self, waiting: int, rows: int, asked: int, retry_after: float) -> None:
+        super().__init__(
+            f"the queue is full ({waiting} requests, {rows} rows waiting; {asked} more rows "
+            "do not fit); retry later"
+        )
         self.retry_after = retry_after
 
 
@@ -186,7 +189,7 @@ class Batcher:
             raise ShuttingDown("the server is shutting down")
         n, cfg = len(rows), self.config
         if self._waiting >= cfg.max_queue or self._waiting_rows + n > cfg.max_queue_rows:
-            raise QueueFull(self._waiting, self._retry_after())
+            raise QueueFull(self._waiting, self._waiting_rows, n, self._retry_after())
         loop = asyncio.get_running_loop()
         size, now = cfg.max_batch_size, loop.time()
         ticket = _Ticket(parts=-(-n // size), rows=n)

@@ -162,7 +162,7 @@ def test_a_full_queue_answers_503_with_retry_after(server, monkeypatch):
     model = server.running.models[0]
 
     async def full(rows):
-        raise QueueFull(waiting=256, retry_after=2.0)
+        raise QueueFull(waiting=256, rows=1024, asked=2, retry_after=2.0)
 
     monkeypatch.setattr(model.batcher, "infer", full)
     response = httpx.post(f"{server.url}/v2/models/digits/infer", json=_v2(ROWS))
