@@ -517,8 +517,10 @@ class Attackers:
         held: list[float] = []  # seconds a connection lasted before the server ended it
         opened = [0]
         head = (f"POST {self.infer} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow-0: ").encode()
+        # A body the server must wait for: 1 MB is under the largest valid JSON request to
+        # the demo model (256 rows of 1x16x16 values), so it is not refused from the head.
         body_head = (f"POST {self.infer} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     "Content-Type: application/json\r\nContent-Length: 4000000\r\n\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
                      '{"inputs": [').encode()  # fmt: skip
 
         async def trickle(first: bytes, unit: bytes, kind: str) -> None:

@@ -183,7 +183,7 @@ def preprocess(
         # (H, W, C) as decoded; an NCHW graph takes (C, H, W). The assignment casts (fp16).
         out[i] = x.transpose(2, 0, 1) if spec.layout == "NCHW" else x
 
-    workers = min(len(images), _cpus() if workers is None else workers, MAX_WORKERS)
+    workers = min(len(images), usable_cpus() if workers is None else workers, MAX_WORKERS)
     if workers <= 1:
         for i in range(len(images)):
             one(i)
@@ -244,7 +244,8 @@ def resized_size(width: int, height: int, size: int, resize_size: int) -> tuple[
     return (resize_size, new_long) if width <= height else (new_long, resize_size)
 
 
-def _cpus() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -257,6 +258,6 @@ def _executor() -> ThreadPoolExecutor:
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(
-                max_workers=min(_cpus(), MAX_WORKERS), thread_name_prefix="convforge-decode"
+                max_workers=min(usable_cpus(), MAX_WORKERS), thread_name_prefix="convforge-decode"
             )
         return _pool

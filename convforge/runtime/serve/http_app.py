@@ -46,9 +46,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from convforge.contract import OUTPUT_NAME
 from convforge.errors import UserError
 from convforge.runtime.model import top_k
-from convforge.runtime.preprocess import UPLOAD_FORMATS, preprocess
+from convforge.runtime.preprocess import UPLOAD_FORMATS, preprocess, usable_cpus
 from convforge.runtime.serve.batcher import QueueFull, RequestTimeout, ShuttingDown
 from convforge.runtime.serve.kserve_sdk import (
     DataPlane,
@@ -69,6 +70,7 @@ REPOSITORY_PATH = "/v2/repository/"  # kserve's load/unload routes: not served
 MAX_TOPK = 1000
 MAX_DIM = 2**31 - 1  # one tensor dimension, at most (the body bounds the product anyway)
 MULTIPART_FIELDS = 8  # form fields besides the one image file
+MAX_OUTPUTS = 1  # a served model has one output, OUTPUT_NAME
 
 
 class ConvforgeDataPlane(DataPlane):
@@ -99,9 +101,43 @@ class ConvforgeDataPlane(DataPlane):
             raise errors.InvalidInput(f"cannot decode the request body: {e}") from None
 
     def decode_inference_request(self, body, headers, model_name):
-        if isinstance(body, bytes):
+        if isinstance(body, bytes) and BINARY_HEADER.decode() in headers:
             return binary_request(body, headers, model_name)
+        if isinstance(body, bytes):
+            return json_request(body, model_name)
         return super().decode_inference_request(body, headers, model_name)
+
+
+def json_request(body: bytes, model_name: str) -> InferRequest:
+    """A v2 JSON request, with the cheap checks before the schema's.
+
+    _Guard hands infer bodies over as bytes, so the JSON is parsed once, by
+    orjson, and a request asking for thousands of outputs is refused before
+    pydantic spends 10 ms per thousand on them.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise errors.InvalidInput(f"the request is not valid JSON: {e}") from None
+    return InferRequest.from_inference_request(_validated(data), model_name)
+
+
+def _validated(header) -> InferenceRequestSchema:
+    """``header`` checked against kserve's request schema; InvalidInput naming the first error."""
+    if not isinstance(header, dict):
+        raise errors.InvalidInput("the request must be a JSON object with 'inputs'")
+    outputs = header.get("outputs")
+    if isinstance(outputs, list) and len(outputs) > MAX_OUTPUTS:
+        raise errors.InvalidInput(
+            f"the request asks for {len(outputs)} outputs; a model here has one output, "
+            f"{OUTPUT_NAME!r}: ask for it once or not at all"
+        )
+    try:
+        return InferenceRequestSchema.model_validate(header)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise errors.InvalidInput(f"the request is invalid: {where}: {first['msg']}") from None
 
 
 def binary_request(body: bytes, headers: dict, model_name: str) -> InferRequest:
@@ -122,19 +158,13 @@ def binary_request(body: bytes, headers: dict, model_name: str) -> InferRequest:
     start = int(length)
     try:
         header = orjson.loads(body[:start])
-        # The same schema as a JSON request's; binary inputs carry no "data" in the header.
-        if isinstance(header, dict) and isinstance(header.get("inputs"), list):
-            filled = [{"data": [], **i} if isinstance(i, dict) else i for i in header["inputs"]]
-            header = {**header, "inputs": filled}
-        checked = InferenceRequestSchema.model_validate(header)
     except orjson.JSONDecodeError as e:
         raise errors.InvalidInput(f"the JSON part of the binary request is invalid: {e}") from None
-    except pydantic.ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise errors.InvalidInput(
-            f"the JSON part of the binary request is invalid: {where}: {first['msg']}"
-        ) from None
+    # The same schema as a JSON request's; binary inputs carry no "data" in the header.
+    if isinstance(header, dict) and isinstance(header.get("inputs"), list):
+        filled = [{"data": [], **i} if isinstance(i, dict) else i for i in header["inputs"]]
+        header = {**header, "inputs": filled}
+    checked = _validated(header)
     inputs = []
     for spec in checked.inputs:
         if any(not 0 <= d <= MAX_DIM for d in spec.shape):
@@ -184,7 +214,7 @@ def build_app(
     register_v2_endpoints(app, dataplane, repository_extension)
     _add_error_handlers(app)
     # Decoding an image is CPU work: a few threads, never the event loop.
-    decoders = ThreadPoolExecutor(min(4, len(_cpus())), thread_name_prefix="convforge-classify")
+    decoders = ThreadPoolExecutor(min(4, usable_cpus()), thread_name_prefix="convforge-classify")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -214,12 +244,6 @@ def build_app(
         return {"model_name": model_name, "predictions": [p.__dict__ for p in best]}
 
     return _Guard(app, dataplane, metrics, limits)
-
-
-def _cpus() -> set:
-    import os
-
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}
 
 
 async def _image_bytes(request: Request) -> bytes:
@@ -334,10 +358,12 @@ class _Guard:
                     return await _json(counting_send, 503, _message(message), close=True,
                                        retry_after=1)  # fmt: skip
                 receive = _replay(body)
-            if scope["method"] == "POST" and b"content-type" not in headers:
-                binary = BINARY_HEADER in headers
-                ctype = b"application/octet-stream" if binary else b"application/json"
-                scope = {**scope, "headers": [*scope["headers"], (b"content-type", ctype)]}
+            if scope["method"] == "POST" and scope["path"].endswith("/infer"):
+                # FastAPI passes a non-JSON body through as bytes: the dataplane parses it
+                # once, with orjson and the cheap checks first (json_request).
+                kept = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                ctype = (b"content-type", b"application/octet-stream")
+                scope = {**scope, "headers": [*kept, ctype]}
             if self.working >= self.max_concurrent:
                 message = f"the server works on {self.max_concurrent} requests already; retry later"
                 return await _json(counting_send, 503, _message(message), retry_after=1)
@@ -353,10 +379,19 @@ class _Guard:
                 self.metrics.answered(model, "http", str(status[0]), seconds)
 
     def _limit(self, path: str, headers: dict) -> tuple[int, str]:
-        """The largest body this request may send, and what kind of body that is."""
-        if path.endswith("/infer") and BINARY_HEADER not in headers:
-            return self.max_json, "--max-json-mb"
-        return self.max_body, "--max-body-mb"
+        """The largest body this request may send, and what sets that limit: for a served
+        model's infer, also the largest valid request (a bigger one is refused unread)."""
+        if not path.endswith("/infer"):
+            return self.max_body, "--max-body-mb"
+        binary = BINARY_HEADER in headers
+        limit, option = (
+            (self.max_body, "--max-body-mb") if binary else (self.max_json, "--max-json-mb")
+        )
+        model = self.dataplane.model_registry.get_model(_model_of(path) or "")
+        if model is not None and model.ready and model.largest_body(binary) < limit:
+            rows = model.batching.max_request_rows
+            return model.largest_body(binary), f"what {rows} rows need (--max-request-rows)"
+        return limit, option
 
     async def _read_body(self, receive, limit: int) -> tuple[bytes | None, int]:
         """``(body, bytes held)``: ``(None, held)`` once it passes ``limit``, ``(b"", -1)`` when

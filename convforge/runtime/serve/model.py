@@ -42,6 +42,8 @@ from convforge.runtime.serve.kserve_sdk import (
 from convforge.runtime.serve.metrics import ServerMetrics
 
 DATATYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}  # v2 datatype -> numpy
+REQUEST_HEAD_BYTES = 64 * 2**10  # a request's JSON besides its values: names, shape, parameters
+JSON_VALUE_BYTES = 32  # one value in JSON, separator included ("-1.1754943508222875e-38, ")
 
 
 class ServedModel(kserve.Model):
@@ -127,6 +129,13 @@ class ServedModel(kserve.Model):
         if not self.backends:  # before load: what the file's input is
             return [d for d, t in DATATYPES.items() if np.dtype(t) == self.info.spec.dtype][:1]
         return [d for d, t in DATATYPES.items() if t in self.backends[0].input_dtypes]
+
+    def largest_body(self, binary: bool) -> int:
+        """The most bytes a valid infer request to this model can hold: ``max_request_rows``
+        rows in the widest datatype it takes, plus room for the JSON around them."""
+        values = self.batching.max_request_rows * int(np.prod(self.sample_shape))
+        each = max(np.dtype(DATATYPES[d]).itemsize for d in self.datatypes)
+        return REQUEST_HEAD_BYTES + values * (each if binary else JSON_VALUE_BYTES)
 
     def describe(self) -> dict:
         """Backend, precision and settings of the first instance (for the startup log)."""

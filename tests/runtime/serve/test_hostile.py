@@ -198,6 +198,32 @@ def test_a_request_of_too_many_rows_is_refused_before_its_data_is_read(server):
     _still_serves(server)
 
 
+def test_a_body_larger_than_any_valid_request_is_refused_unread(server):
+    # 16 rows of 1x16x16 FP32 are 16 KiB of values: a 10 MB body cannot be a valid request,
+    # so the server answers from the head alone and never reads the body it announced.
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        "Inference-Header-Content-Length: 100\r\nContent-Length: 10000000\r\n\r\n"
+    ).encode()
+    answer = _raw(server, head)
+    assert answer.startswith(b"HTTP/1.1 413") and b"--max-request-rows" in answer
+    _still_serves(server)
+
+
+def test_json_requests_of_any_content_type_are_parsed_by_the_same_checks(server):
+    body = json.dumps(_v2(ROWS)).encode()
+    for ctype in ("application/json", "text/plain", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        response = httpx.post(f"{server.url}{INFER}", content=body, headers=headers)
+        assert response.status_code == 200, (ctype, response.text)
+    broken = httpx.post(
+        f"{server.url}{INFER}", content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
+    wrong = httpx.post(f"{server.url}{INFER}", json={"inputs": "x"})
+    assert wrong.status_code == 400 and "inputs" in wrong.json()["error"]
+
+
 def test_a_json_body_has_its_own_smaller_limit():
     with start(max_body_mb=1.0, max_json_mb=0.01) as small:
         response = httpx.post(f"{small.url}{INFER}", json=_v2(np.zeros((32, 1, 16, 16))))
