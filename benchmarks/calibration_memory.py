@@ -156,7 +156,7 @@ def main() -> int:
         who, method, n, path = args.child
         print(json.dumps(child(path, who, method, int(n))))
         return 0
-    from convforge.runtime.bench import environment
+    from convforge.runtime.environment import environment
 
     path = model_path()
     methods = args.methods.split(",")

@@ -95,7 +95,9 @@ from convforge.builder.training.config import TrainConfig, recipe_model
 from convforge.errors import UserError
 from convforge.export import ExportOptions, export_checkpoint
 from convforge.runtime import backends
-from convforge.runtime.bench import environment, latency_stats
+from convforge.runtime.bench import latency_stats
+from convforge.runtime.environment import environment
+from convforge.runtime.model import load_plan
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache" / "cpu_backends"
@@ -353,7 +355,7 @@ def tuned_paths(work: Path, files: list[Path], batches: list[int], budget: float
     made = []
     for bs in batches:
         entry = plan.entry(bs)
-        model = plan.load_model(bs, check=False)
+        model = load_plan(plan, bs, check=False)
         settings = " ".join(f"{k}={v}" for k, v in entry.options.items())
         print(f"[tune] batch {bs}: {entry.backend} {Path(entry.file).name} {settings}", flush=True)
         made.append(

@@ -39,7 +39,7 @@ cache after the warm-up, as on a server that just received them). Reported:
 p50 ms per image at batch 1, images/s at batch 32 (32 / median call time), and
 the ratios convforge / peer (goal: p50 <= 0.75x on both sizes). Writes
 ``benchmarks/results/e2e_latency.json`` with the machine
-(``convforge.runtime.bench.environment``).
+(``convforge.runtime.environment.environment``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ from convforge.contract import sha256_of  # noqa: E402
 from convforge.export import ExportOptions, export_checkpoint  # noqa: E402
 from convforge.files import write_text  # noqa: E402
 from convforge.runtime import load  # noqa: E402
-from convforge.runtime.bench import environment  # noqa: E402
+from convforge.runtime.environment import environment  # noqa: E402
 from tests.helpers import photo_jpeg  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "e2e_latency.json"

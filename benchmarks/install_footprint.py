@@ -159,7 +159,7 @@ def _cpu_flags() -> list[str]:
 
 
 def _cpu() -> str:
-    # Not bench.environment(): this script runs on the system python3, without convforge.
+    # Not convforge.runtime.environment: this script runs on the system python3, alone.
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -150,7 +150,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--out", default=str(RESULTS / "ort_int8_batch1.json"))
     a = p.parse_args()
-    from convforge.runtime.bench import environment
+    from convforge.runtime.environment import environment
 
     files = {"random": random_weight_exports()}
     if (TRAINED / "model.int8.onnx").exists():

@@ -1225,7 +1225,7 @@ def _convforge_source() -> str:
 
 def _machine() -> dict:
     """bench's environment record (CPU model, cores, library versions) and the CPU's SIMD flags."""
-    from convforge.runtime.bench import environment
+    from convforge.runtime.environment import environment
 
     flags = []
     try:

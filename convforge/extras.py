@@ -34,7 +34,7 @@ EXTRA_OF = {
     "onnxruntime": ("ONNX Runtime", "cpu"),
     "openvino": ("OpenVINO", "openvino"),
     "tensorrt": ("TensorRT", "tensorrt"),
-    "cuda": ("cuda-python", "tensorrt"),
+    "cuda": ("cuda-bindings", "tensorrt"),
     "kserve": ("the kserve SDK", "serve"),
 }
 ENGINES = ("onnxruntime", "openvino", "tensorrt", "torch")  # modules that can run a model

@@ -75,14 +75,34 @@ def add_settings(
         kind = _without_none(hints[f.name])
         kwargs = {"dest": f.name, "default": default, "help": _help(f, default)}
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _GivenBool
         elif typing.get_origin(kind) is tuple:
-            kwargs["type"] = int_list
-            kwargs["metavar"] = "N,N,..."
+            kwargs.update(action=_Given, type=int_list, metavar="N,N,...")
         else:
-            kwargs["type"] = kind
+            kwargs.update(action=_Given, type=kind)
             kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         group.add_argument(flag, **kwargs)
+
+
+def given(args: argparse.Namespace, name: str) -> bool:
+    """Whether the setting ``name`` was on the command line (not its default), even when the
+    value given equals the default."""
+    return name in getattr(args, GIVEN, ())
+
+
+GIVEN = "_settings_given"  # the Namespace attribute the actions below record names in
+
+
+class _Given(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, {*getattr(namespace, GIVEN, ()), self.dest})
+
+
+class _GivenBool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, GIVEN, {*getattr(namespace, GIVEN, ()), self.dest})
 
 
 def settings_values(cls: type, args: argparse.Namespace) -> dict:

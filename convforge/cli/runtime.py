@@ -20,7 +20,7 @@ from convforge.cli.options import (
     csv,
     settings_from,
 )
-from convforge.cli.tune import (
+from convforge.cli.plan import (
     FORCE_PLAN_HELP,
     PLAN_HELP,
     bench_with_plan,
@@ -56,7 +56,7 @@ def predict_parser(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args) -> int:
-    from convforge.runtime import load
+    from convforge.runtime import load, load_plan
     from convforge.runtime.backends import BACKENDS
 
     if args.backend == "auto":
@@ -66,7 +66,7 @@ def cmd_predict(args) -> int:
     if args.plan:
         conflicts = {"--backend": args.backend != "auto", "--set": bool(args.set)}
         plan = use_plan(args.plan, [args.model], conflicts, force=args.force_plan)
-        opened = plan.load_model(min(len(args.images), 32), check=False)
+        opened = load_plan(plan, min(len(args.images), 32), check=False)
     else:
         opened = load(args.model, backend=args.backend, **options.get(args.backend, {}))
     with opened as model:
@@ -149,6 +149,7 @@ def cmd_bench(args) -> int:
     from convforge.runtime import bench
     from convforge.runtime.any_graph import parse_shapes
     from convforge.runtime.backends import BACKENDS
+    from convforge.runtime.environment import environment
 
     if args.plot:
         extras.require("convforge bench --plot", "matplotlib")
@@ -166,7 +167,7 @@ def cmd_bench(args) -> int:
         records, skipped = bench.bench_matrix(
             args.models, names, cfg, options, labelled, shapes=shapes
         )
-    env = bench.environment()
+    env = environment()
     regressions = []
     if args.compare:
         regressions = bench.compare(records, bench.read_records(args.compare), args.threshold)
@@ -232,18 +233,22 @@ def _labelled_images(spec: str, model_path: str, what: str = "convforge bench --
 
 def backends_parser(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "List every backend: whether it can run on this machine (and if not, why), "
-        "and its options with their types, defaults and meaning, as given to "
-        "--set BACKEND.KEY=VALUE."
+        "First the GPU stack found here (NVIDIA driver, CUDA runtime, cuDNN, TensorRT, "
+        "onnxruntime's build, cuda-python: each version with where it was read, or why it "
+        "was not found, and any mismatch between them); then every backend: whether it can "
+        "run on this machine (and if not, why), and its options with their types, defaults "
+        "and meaning, as given to --set BACKEND.KEY=VALUE. --json: {gpu_stack, backends}."
     )
     add_json(p)
     p.set_defaults(func=cmd_backends)
 
 
 def cmd_backends(args) -> int:
+    from convforge.runtime import gpu_stack
     from convforge.runtime.backends import BACKENDS, backend_class
     from convforge.runtime.backends.options import option_rows
 
+    stack = gpu_stack.report()
     records = []
     for name in BACKENDS:
         cls = backend_class(name)
@@ -252,8 +257,12 @@ def cmd_backends(args) -> int:
             {"backend": name, "available": ok, "why": why, "options": option_rows(cls.Options)}
         )
     if args.json:
-        print(json.dumps(records, indent=2))
+        print(json.dumps({"gpu_stack": stack.as_dict(), "backends": records}, indent=2))
         return 0
+    print("GPU stack:")
+    for line in stack.lines():
+        print(f"  {line}")
+    print()
     for r in records:
         state = "available" if r["available"] else f"not available: {r['why']}"
         print(f"{r['backend']} ({state})")

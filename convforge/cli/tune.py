@@ -1,4 +1,4 @@
-"""``convforge tune``, and ``--plan`` for ``predict``, ``bench`` and ``serve``.
+"""``convforge tune``: search, write the plan, print every candidate and the choice.
 
 ``tune`` checks everything it can before the search (files, backends, output
 folder, the images), runs :func:`convforge.runtime.tune.tune` with a progress
@@ -12,16 +12,9 @@ train extra). ``--dataset SPEC`` names another labelled dataset;
 agreement with the fp32 file and needs no torch. When none of these can be
 had, tune stops before measuring anything.
 
-With ``--plan``, the model files given must be ones the plan was made for
-(the reference or a variant, by path or content); the plan's entry then runs
-as tuned: predict takes the entry closest to the number of images (at most
-32, its chunk), bench the entry closest to each batch size (default: the
-plan's), serve the entry closest to ``--max-batch-size`` (under load the
-batcher fills batches up to it). ``--backend``/``--backends``/``--set`` with
-``--plan`` are an error: the plan says what runs. A plan runs only files inside
-its own folder, and only as they were when tuned: a changed file (sha256) is an
-error unless ``--force-plan`` (then a warning). The plan is written beside the
-models (or in a folder above them), so tune refuses an output folder elsewhere.
+``--plan`` (predict, bench, serve) is :mod:`convforge.cli.plan`. The plan is
+written beside the models (or in a folder above them), so tune refuses an
+output folder elsewhere.
 """
 
 from __future__ import annotations
@@ -40,11 +33,10 @@ from convforge.cli.options import (
     csv,
     settings_from,
 )
+from convforge.cli.plan import options_text
 from convforge.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-PLAN_HELP = "a plan from `convforge tune`: run its backend, file and options"
-FORCE_PLAN_HELP = "with --plan: run its files even if they changed since tuning (warns)"
 
 
 def tune_parser(p: argparse.ArgumentParser) -> None:
@@ -170,7 +162,7 @@ def format_plan(plan) -> str:
 
     rows = [
         [
-            r["batch_size"], r["backend"], Path(r["file"]).name, _options(r["options"]),
+            r["batch_size"], r["backend"], Path(r["file"]).name, options_text(r["options"]),
             r["precision"] or "-", num(r["accuracy_delta_points"], 2), num(r["p50_ms"], 3),
             num(r["p99_ms"], 3), num(r["throughput_ips"], 1), r["status"],
             r["why"] if r["status"] != "chosen" else "",
@@ -192,7 +184,7 @@ def format_plan(plan) -> str:
     ]
     for e in plan.entries:
         lines.append(
-            f"batch {e.batch_size}: {e.backend} {Path(e.file).name} {_options(e.options)} "
+            f"batch {e.batch_size}: {e.backend} {Path(e.file).name} {options_text(e.options)} "
             f"({e.precision}): p50 {e.p50_ms:.3f} ms, p99 {e.p99_ms:.3f} ms, "
             f"{e.throughput_ips:,.0f} images/s, top-1 {e.accuracy_delta_points:+.2f} points"
         )
@@ -205,65 +197,6 @@ def format_plan(plan) -> str:
         f"(budget {search['budget_seconds']:g} s)"
     )
     return "\n".join(lines)
-
-
-def _options(options: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-
-
-# -- --plan for predict, bench and serve -------------------------------------------------------
-
-
-def use_plan(path: str, models: list[str], conflicts: dict[str, bool], force: bool = False):
-    """The plan at ``path`` after checking that no option in ``conflicts`` was given (the
-    plan says what runs), that every file in ``models`` belongs to it, and the machine
-    (a warning when the plan was measured elsewhere). ``force`` (--force-plan): its
-    changed files run, with a warning, instead of being an error (:attr:`Plan.force`)."""
-    from convforge.runtime.plan import Plan
-
-    given = [flag for flag, set_ in conflicts.items() if set_]
-    if given:
-        raise UserError(f"--plan runs the plan's backend and options; drop {' and '.join(given)}")
-    plan = Plan.read(path)
-    plan.force = force
-    for model in models:
-        plan.check_model(model)
-    plan.check_environment()
-    return plan
-
-
-def bench_with_plan(args, cfg, labelled) -> list[dict]:
-    """``bench --plan``'s records: the plan's entry closest to each batch size (the
-    plan's own batch sizes unless --batch-sizes names others)."""
-    from convforge.runtime.bench import BenchConfig
-    from convforge.runtime.plan import bench_plan
-
-    plan = use_plan(args.plan, args.models, {"--backends": args.backends != "available",
-                                             "--set": bool(args.set)}, args.force_plan)  # fmt: skip
-    if cfg.batch_sizes == BenchConfig().batch_sizes:
-        cfg = dataclasses.replace(cfg, batch_sizes=tuple(e.batch_size for e in plan.entries))
-    if not args.json:
-        for bs in cfg.batch_sizes:
-            e = plan.entry(bs)
-            print(f"plan, batch {bs}: {e.backend} {Path(e.file).name} {_options(e.options)}")
-    return bench_plan(plan, cfg, labelled)
-
-
-def serve_with_plan(args, models: dict[str, str], batching):
-    """``serve --plan``'s ServeConfig: the one model given, served from the plan's file,
-    backend and options of the entry closest to ``--max-batch-size``."""
-    from convforge.runtime.serve.server import ServeConfig
-
-    if len(models) != 1:
-        raise UserError(f"--plan serves one model (its plan's), got {len(models)}")
-    plan = use_plan(args.plan, list(models.values()), {"--backend": args.backend != "auto",
-                                                       "--set": bool(args.set)},
-                    args.force_plan)  # fmt: skip
-    entry = plan.entry(batching.max_batch_size)
-    plan.check_file(entry)
-    (name,) = models
-    return settings_from(ServeConfig, args, models={name: entry.file}, backend=entry.backend,
-                         options=dict(entry.options), batching=batching)  # fmt: skip
 
 
 PARSERS = {"tune": tune_parser}

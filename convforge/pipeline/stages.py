@@ -317,6 +317,7 @@ def _tune(run: Run) -> dict:
 
 def _bench(run: Run) -> dict:
     from convforge.runtime import bench
+    from convforge.runtime.environment import environment
 
     section = run.recipe.bench
     # A backend the recipe names that cannot run one of the files (torch: fp32 only) is
@@ -325,7 +326,7 @@ def _bench(run: Run) -> dict:
         run.model_files(), section.backends, section.settings, labelled=run.val_images(),
         skip_failures=True,
     )  # fmt: skip
-    env = bench.environment()
+    env = environment()
     bench.write_json(run.output("bench.json"), records, env)
     bench.plot(run.output("latency.png"), records)
     return {

@@ -12,6 +12,14 @@ used, so this package imports on a machine without torch.
 """
 
 from convforge.runtime.backends import AUTO_ORDER, BACKENDS, BackendUnavailable
-from convforge.runtime.model import Model, Prediction, load
+from convforge.runtime.model import Model, Prediction, load, load_plan
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "BackendUnavailable", "Model", "Prediction", "load"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "BackendUnavailable",
+    "Model",
+    "Prediction",
+    "load",
+    "load_plan",
+]

@@ -23,8 +23,6 @@ import dataclasses
 import functools
 import io
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,8 @@ from convforge.contract import read_info
 from convforge.errors import UserError
 from convforge.files import atomic_write
 from convforge.runtime import backends
+from convforge.runtime.evaluate import accuracy
+from convforge.runtime.model import load
 from convforge.settings import setting
 
 UNSTABLE_CV = 0.10  # std / mean above this is flagged
@@ -88,9 +88,10 @@ def timed(fn, cfg: BenchConfig) -> list[float]:
     return samples
 
 
-def bench_backend(name: str, path: str, cfg: BenchConfig, **options) -> list[dict]:
-    """Records for one backend over ``cfg.batch_sizes``."""
-    info = read_info(path)
+def bench_backend(name: str, path: str, cfg: BenchConfig, each=None, **options) -> list[dict]:
+    """Records for one backend over ``cfg.batch_sizes``. ``each(backend, batch, records)``,
+    if given, is called with each batch size's records while its instance is still loaded
+    (a benchmark keeps them at once, or adds its own measurements on that instance)."""
     first = backends.create(name, path, **options)
     if first.single_batch_size:
         groups = [(bs,) for bs in cfg.batch_sizes]
@@ -105,8 +106,11 @@ def bench_backend(name: str, path: str, cfg: BenchConfig, **options) -> list[dic
         load_s = time.perf_counter() - t
         try:
             for bs in sizes:
-                batch = random_batch(rng, info.spec, bs)
-                records += _bench_size(backend, batch, load_s, cfg)
+                batch = random_batch(rng, backend.spec, bs)
+                rows = _bench_size(backend, batch, load_s, cfg)
+                records += rows
+                if each is not None:
+                    each(backend, batch, rows)
         finally:
             backend.close()
     return records
@@ -198,7 +202,8 @@ def _bench_classifier(name: str, path: str, cfg: BenchConfig, labelled, **option
     records = bench_backend(name, path, cfg, **options)
     if labelled is None:
         return records
-    acc = accuracy(name, path, *labelled, **options)
+    with load(path, backend=name, **options) as model:
+        acc = accuracy(model, *labelled)
     return [{**r, "top1_accuracy": acc} for r in records]
 
 
@@ -266,73 +271,6 @@ def random_batch(rng: np.random.Generator, spec, n: int) -> np.ndarray:
     if spec.dtype == "uint8":
         return rng.integers(0, 256, spec.shape(n), dtype=np.uint8)
     return rng.standard_normal(spec.shape(n)).astype(spec.dtype)
-
-
-def accuracy(name: str, path: str, images: list, labels: list[int], **options) -> float:
-    """Top-1 accuracy of backend ``name`` on raw ``images`` (preprocessed from metadata)."""
-    from convforge.runtime.model import load
-
-    with load(path, backend=name, **options) as model:
-        hits = 0
-        for i in range(0, len(images), 64):
-            top = model.predict(images[i : i + 64], topk=1)
-            hits += sum(t[0].index == y for t, y in zip(top, labels[i : i + 64], strict=True))
-    return hits / max(len(labels), 1)
-
-
-def environment() -> dict:
-    """CPU, cores, GPU and library versions of this run (what the numbers belong to)."""
-    env = {
-        "cpu": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
-    for lib in ("onnxruntime", "openvino", "tensorrt", "torch", "numpy"):
-        try:
-            module = __import__(lib)
-            env[f"{lib}_version"] = str(getattr(module, "__version__", "unknown"))
-        except ImportError:
-            pass
-    env.update(_gpu())
-    return env
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _gpu() -> dict:
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return {}
-    try:
-        out = (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()
-        )
-    except (subprocess.SubprocessError, OSError):
-        return {}
-    if not out:
-        return {}
-    name, driver = (s.strip() for s in out[0].split(",", 1))
-    return {"gpu": name, "gpu_driver": driver}
 
 
 def compare(records: list[dict], baseline: list[dict], threshold: float) -> list[dict]:
@@ -446,3 +384,21 @@ def plot(path, records: list[dict]) -> None:
         ax.grid(True, alpha=0.3)
     ax_tp.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     save_png(fig, path)
+
+
+def bench_plan(plan, cfg: BenchConfig, labelled=None) -> list[dict]:
+    """Bench records of ``plan``'s configuration at each of ``cfg.batch_sizes`` (the entry
+    closest to each), like :func:`bench_matrix`'s, plus
+    ``plan_batch_size``; ``labelled`` (raw images, labels) adds ``top1_accuracy``."""
+    records = []
+    for bs in cfg.batch_sizes:
+        entry = plan.entry(bs)
+        plan.check_file(entry)
+        one = dataclasses.replace(cfg, batch_sizes=(bs,))
+        rs = bench_backend(entry.backend, entry.file, one, **entry.options)
+        if labelled is not None:
+            with load(entry.file, backend=entry.backend, **entry.options) as model:
+                acc = accuracy(model, *labelled)
+            rs = [{**r, "top1_accuracy": acc} for r in rs]
+        records += [{"model": entry.file, "plan_batch_size": entry.batch_size, **r} for r in rs]
+    return records

@@ -24,9 +24,13 @@ options are exactly what :func:`convforge.runtime.backends.create` gets.
 
 Every lowered precision (bf16, tf32, fp16 casts) is an explicit option here, so
 each gets its own accuracy check (``NUMERIC_OPTIONS``) and the plan names it; a
-backend's defaults compute the file's own precision. GPU option sets appear only
-when the backend (``torch``: its CUDA device) is available. A backend that is not
-available is left out with its reason.
+backend's defaults compute the file's own precision. One exception: ort-trt runs
+an fp32 file in TF32, which ONNX Runtime's TensorRT provider cannot turn off, so
+there is no option for it; the backend labels its precision ``tf32`` and the
+plan says so, after the accuracy check every candidate gets (one per file).
+
+GPU option sets appear only when the backend (``torch``: its CUDA device) is
+available. A backend that is not available is left out with its reason.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 
 from convforge.contract import read_info
 from convforge.runtime import backends
+from convforge.runtime.backends.options import PROFILE_OPTIONS
 
 # Options that can change a backend's results (precision, math mode, graph rewrites);
 # candidates differing only in others (threads, hints, profiles, CUDA graphs) share one
@@ -43,7 +48,7 @@ from convforge.runtime import backends
 NUMERIC_OPTIONS = {
     "ort-cpu": ("graph_optimization",),
     "ort-cuda": ("tf32",),
-    "ort-trt": (),
+    "ort-trt": (),  # always TF32 on an fp32 file (no switch): one check per file
     "tensorrt": ("tf32",),
     "openvino": ("precision",),
     "torch": ("device", "dtype", "tf32"),
@@ -154,5 +159,7 @@ def candidates(files, batch_sizes, names=None) -> tuple[list[Candidate], list[st
                     skipped += [] if note in skipped else [note]
                     continue
                 for opts in VARIANTS[name](bs, batch_sizes, fp32):
+                    if info.spec.batch is not None:  # TensorRT builds for that batch alone
+                        opts = {k: v for k, v in opts.items() if k not in PROFILE_OPTIONS}
                     out.append(Candidate(name, str(path), bs, tuple(sorted(opts.items()))))
     return out, skipped

@@ -19,6 +19,7 @@ from convforge.contract import ModelInfo, read_info
 from convforge.errors import UserError, check_int
 from convforge.runtime import backends
 from convforge.runtime.backends.base import Backend
+from convforge.runtime.evaluate import run_in_chunks
 from convforge.runtime.preprocess import preprocess
 
 
@@ -64,7 +65,7 @@ class Model:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, K] logits for a preprocessed batch (as :meth:`preprocess` makes it),
         run in chunks of ``batch_size``, or of the file's fixed batch size (the last chunk
-        padded with copies of its last image, their logits dropped)."""
+        padded as :mod:`convforge.runtime.evaluate` says, the padding's logits dropped)."""
         fixed = self.info.spec.batch
         chunk = fixed or self.batch_size
         if (
@@ -73,14 +74,7 @@ class Model:
             or (len(batch) <= chunk and fixed in (None, len(batch)))
         ):
             return self.backend.run(batch)
-        out = []
-        for i in range(0, len(batch), chunk):
-            part = batch[i : i + chunk]
-            n = len(part)
-            if fixed and n < fixed:
-                part = np.concatenate([part, np.repeat(part[-1:], fixed - n, axis=0)])
-            out.append(self.backend.run(part)[:n])
-        return np.concatenate(out)
+        return run_in_chunks(self.backend.run, batch, chunk, pad=bool(fixed))
 
     def predict(self, images, topk: int = 5) -> list[list[Prediction]]:
         """For each image, its ``topk`` most probable classes, best first."""
@@ -109,7 +103,7 @@ def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options
 
     ``plan`` (a ``convforge tune`` plan file or :class:`~.plan.Plan`) runs the plan's
     backend, file and options for the batch size closest to ``batch_size``
-    (:meth:`~.plan.Plan.load_model`); ``path`` must be a file the plan was made for,
+    (:func:`load_plan`); ``path`` must be a file the plan was made for,
     and ``backend``/``options`` stay unset. A file changed since tuning is a UserError
     unless the plan given is a :class:`~.plan.Plan` with ``force`` set.
     """
@@ -120,7 +114,21 @@ def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options
             raise UserError("load(plan=...) runs the plan's backend and options; give neither")
         plan = plan if isinstance(plan, Plan) else Plan.read(plan)
         plan.check_model(path)
-        return plan.load_model(batch_size)
+        return load_plan(plan, batch_size)
     info = read_info(path)
     engine, skipped = backends.load_backend(backend, str(path), **options)
     return Model(info, engine, batch_size, skipped)
+
+
+def load_plan(plan, batch_size: int = 1, check: bool = True) -> Model:
+    """A :class:`Model` running ``plan``'s entry for ``batch_size`` (a
+    :class:`~convforge.runtime.plan.Plan`, :meth:`~.plan.Plan.entry`): its backend, file
+    and options, with ``Model.batch_size`` the entry's. The entry's file is checked
+    against the plan's hash first (:meth:`~.plan.Plan.check_file`); ``check`` also warns
+    when the plan was measured on another machine (:meth:`~.plan.Plan.check_environment`)."""
+    entry = plan.entry(batch_size)
+    plan.check_file(entry)
+    if check:
+        plan.check_environment()
+    return load(entry.file, backend=entry.backend, batch_size=entry.batch_size,
+                **entry.options)  # fmt: skip

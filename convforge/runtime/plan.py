@@ -1,14 +1,14 @@
 """The plan ``convforge tune`` writes and ``predict``/``bench``/``serve --plan`` run.
 
     plan = Plan.read("plan.json")                  # UserError: missing, not JSON, not a plan
-    with plan.load_model(batch_size=1) as model:   # the entry for batch 1, exactly as tuned
-        model.predict(["cat.jpg"])
+    with load_plan(plan, batch_size=1) as model:   # convforge.runtime.model.load_plan: the
+        model.predict(["cat.jpg"])                 # entry for batch 1, exactly as tuned
 
 A plan holds, per batch size, the fastest configuration that stayed within
 the accuracy budget (:class:`PlanEntry`: backend, file, the backend options to
 pass, the settings that ran, p50/p99, throughput, accuracy delta), every
 candidate measured with its outcome, and the environment it was measured in
-(:func:`convforge.runtime.bench.environment`). The file is JSON with the keys
+(:func:`convforge.runtime.environment.environment`). The file is JSON with the keys
 of these dataclasses, in field order, written atomically.
 
 A plan decides which files run, and a ``.pt2`` program is code, so a plan only
@@ -41,11 +41,11 @@ from convforge import __version__
 from convforge.contract import sha256_of
 from convforge.errors import UserError, check_int
 from convforge.files import atomic_write
-from convforge.runtime import bench
 from convforge.runtime.backends import BACKENDS, backend_class
+from convforge.runtime.environment import environment
 
 FORMAT = "convforge-plan/1"
-MACHINE_KEYS = ("cpu", "logical_cores", "gpu")  # bench.environment() keys a plan depends on
+MACHINE_KEYS = ("cpu", "logical_cores", "gpu")  # environment() keys a plan depends on
 LIBRARY_OF = {  # backend -> the library whose version its speed depends on
     "ort-cpu": "onnxruntime",
     "ort-cuda": "onnxruntime",
@@ -80,14 +80,15 @@ class PlanEntry:
 
 @dataclass
 class Plan:
-    """A tuned plan: :meth:`write`/:meth:`read` JSON, :meth:`entry`, :meth:`load_model`."""
+    """A tuned plan: :meth:`write`/:meth:`read` JSON, :meth:`entry`
+    (:func:`~convforge.runtime.model.load_plan` runs one)."""
 
     model: str  # the fp32 reference file
     files: dict[str, str]  # every file tuned (reference first) -> its sha256
     entries: list[PlanEntry]  # one per batch size that has a choice, ascending
     accuracy: dict  # metric (top1|agreement), dataset, images, reference, max_drop_points, ...
     search: dict  # batch_sizes, budget_seconds, seconds, rounds, notes, ...
-    environment: dict  # bench.environment() where it was measured
+    environment: dict  # environment() where it was measured
     candidates: list[dict] = field(default_factory=list)  # every candidate x batch size
     skipped: list[str] = field(default_factory=list)  # backends that could not take part, why
     convforge_version: str = __version__
@@ -171,7 +172,7 @@ class Plan:
         """What differs between the plan's environment and ``env`` (default: here), one
         ``"key: then -> now"`` string each: the CPU, its logical cores, the GPU, convforge,
         and the libraries of the plan's backends."""
-        env = bench.environment() if env is None else env
+        env = environment() if env is None else env
         env = {**env, "convforge_version": __version__}
         then = {**self.environment, "convforge_version": self.convforge_version}
         libraries = [f"{LIBRARY_OF[e.backend]}_version" for e in self.entries]
@@ -229,36 +230,6 @@ class Plan:
             return
         names = ", ".join(Path(f).name for f in self.files)
         raise UserError(f"the plan was made for {names}, not {path}")
-
-    def load_model(self, batch_size: int = 1, check: bool = True):
-        """A :class:`~convforge.runtime.model.Model` running :meth:`entry` (``batch_size``):
-        its backend, file and options, with ``Model.batch_size`` = the entry's batch size.
-        ``check``: warn on a different environment first (:meth:`check_environment`)."""
-        from convforge.runtime.model import load
-
-        entry = self.entry(batch_size)
-        self.check_file(entry)
-        if check:
-            self.check_environment()
-        return load(entry.file, backend=entry.backend, batch_size=entry.batch_size,
-                    **entry.options)  # fmt: skip
-
-
-def bench_plan(plan: Plan, cfg: bench.BenchConfig, labelled=None) -> list[dict]:
-    """Bench records of ``plan``'s configuration at each of ``cfg.batch_sizes`` (the entry
-    closest to each), like :func:`~convforge.runtime.bench.bench_matrix`'s, plus
-    ``plan_batch_size``; ``labelled`` (raw images, labels) adds ``top1_accuracy``."""
-    records = []
-    for bs in cfg.batch_sizes:
-        entry = plan.entry(bs)
-        plan.check_file(entry)
-        one = dataclasses.replace(cfg, batch_sizes=(bs,))
-        rs = bench.bench_backend(entry.backend, entry.file, one, **entry.options)
-        if labelled is not None:
-            acc = bench.accuracy(entry.backend, entry.file, *labelled, **entry.options)
-            rs = [{**r, "top1_accuracy": acc} for r in rs]
-        records += [{"model": entry.file, "plan_batch_size": entry.batch_size, **r} for r in rs]
-    return records
 
 
 def plan_path(file, plan) -> str:

@@ -48,8 +48,9 @@ import numpy as np
 from convforge.contract import read_info, sha256_of
 from convforge.errors import UserError, check_int
 from convforge.runtime import backends
-from convforge.runtime.bench import environment
 from convforge.runtime.candidates import Candidate, candidates
+from convforge.runtime.environment import environment
+from convforge.runtime.evaluate import top1
 from convforge.runtime.plan import Plan, PlanEntry
 from convforge.runtime.preprocess import preprocess
 from convforge.settings import setting
@@ -94,17 +95,9 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
     cfg = (cfg or TuneConfig()).check()
     cfg = dataclasses.replace(cfg, batch_sizes=tuple(sorted(set(cfg.batch_sizes))))
     start = time.perf_counter()
-    files = list(dict.fromkeys(str(Path(f).resolve()) for f in files))  # once each
-    infos = {f: read_info(f) for f in files}
-    reference = next((f for f in files if infos[f].precision == "fp32"), None)
-    if reference is None:
-        raise UserError("tune needs the fp32 file among its files: it is the accuracy reference")
-    files = [reference] + [f for f in files if f != reference]
-    if not len(images):
-        raise UserError("tune needs at least one image to check accuracy on")
-    pick = sorted(np.random.default_rng(cfg.seed).permutation(len(images))[: cfg.max_images])
-    images = [images[i] for i in pick]
-    labels = None if labels is None else np.asarray([labels[i] for i in pick])
+    files, infos = _with_reference_first(files)
+    reference = files[0]
+    images, labels = _sample(images, labels, cfg)
     batches = _preprocessed(images, infos)
     pool, skipped = candidates(files, cfg.batch_sizes, names)
     # Every file a candidate reads (a torch .pt2 too), hashed before any runs: the plan
@@ -129,16 +122,7 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
         bar.set_description(f"accuracy: {first.label}")
         accuracy[key] = _accuracy(first, batches[first.file], truth, chunk)
         bar.update(1)
-    records: list[dict] = []
-    for i, bs in enumerate(cfg.batch_sizes):
-        share = (cfg.budget_seconds - (time.perf_counter() - start)) / (len(cfg.batch_sizes) - i)
-        timed = []
-        for c in (c for c in pool if c.batch_size == bs):
-            records.append(_record(c, accuracy[c.accuracy_key], ref_acc, cfg.max_drop))
-            if records[-1]["status"] == "measured":
-                bar.set_description(f"batch {bs}: load {c.label}")
-                timed += _load(c, batches[c.file], records[-1])
-        bar.update(cfg.rounds - _race(timed, time.perf_counter() + share, cfg, bar))
+    records = _measure(pool, batches, accuracy, ref_acc, cfg, start, bar)
     bar.close()
     entries = [_entry(r) for r in _choose(records)]
     if not entries:
@@ -172,27 +156,40 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
     )
 
 
-def top1(backend, batch: np.ndarray, chunk: int) -> np.ndarray:
-    """Argmax class of each row of ``batch`` run through a loaded ``backend`` in chunks
-    (of the file's fixed batch size if it has one; a single-batch-size backend or a fixed
-    batch gets its last chunk padded to the chunk size)."""
-    fixed = backend.spec.batch if backend.spec is not None else None
-    chunk = fixed or chunk
-    out = []
-    for i in range(0, len(batch), chunk):
-        part = batch[i : i + chunk]
-        n = len(part)
-        if (backend.single_batch_size or fixed) and n < chunk:
-            part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-        logits = backend.run(part)[:n]
-        if logits.ndim != 2:
-            raise UserError(
-                f"{backend.path}: its output has shape {list(logits.shape)}, not [N, classes]; "
-                "tune checks top-1 accuracy, which needs an image classifier (convforge bench "
-                "times any model)"
-            )
-        out.append(logits.argmax(axis=1))
-    return np.concatenate(out)
+def _with_reference_first(files) -> tuple[list[str], dict]:
+    """``files`` resolved, once each, the first fp32 one (the accuracy reference) first;
+    and their ModelInfo. UserError when none is fp32."""
+    files = list(dict.fromkeys(str(Path(f).resolve()) for f in files))
+    infos = {f: read_info(f) for f in files}
+    reference = next((f for f in files if infos[f].precision == "fp32"), None)
+    if reference is None:
+        raise UserError("tune needs the fp32 file among its files: it is the accuracy reference")
+    return [reference] + [f for f in files if f != reference], infos
+
+
+def _sample(images, labels, cfg: TuneConfig) -> tuple[list, np.ndarray | None]:
+    """At most ``cfg.max_images`` of the images (and their labels), a seeded random pick."""
+    if not len(images):
+        raise UserError("tune needs at least one image to check accuracy on")
+    pick = sorted(np.random.default_rng(cfg.seed).permutation(len(images))[: cfg.max_images])
+    chosen = [images[i] for i in pick]
+    return chosen, None if labels is None else np.asarray([labels[i] for i in pick])
+
+
+def _measure(pool, batches, accuracy, ref_acc, cfg: TuneConfig, start, bar) -> list[dict]:
+    """One record per candidate; those within the accuracy budget raced batch size by batch
+    size, each size given an equal share of what is left of ``cfg.budget_seconds``."""
+    records: list[dict] = []
+    for i, bs in enumerate(cfg.batch_sizes):
+        share = (cfg.budget_seconds - (time.perf_counter() - start)) / (len(cfg.batch_sizes) - i)
+        timed = []
+        for c in (c for c in pool if c.batch_size == bs):
+            records.append(_record(c, accuracy[c.accuracy_key], ref_acc, cfg.max_drop))
+            if records[-1]["status"] == "measured":
+                bar.set_description(f"batch {bs}: load {c.label}")
+                timed += _load(c, batches[c.file], records[-1])
+        bar.update(cfg.rounds - _race(timed, time.perf_counter() + share, cfg, bar))
+    return records
 
 
 def _accuracy(c: Candidate, batch, truth, chunk: int) -> tuple[float | None, str, str | None]:

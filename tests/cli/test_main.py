@@ -135,7 +135,7 @@ def test_backend_booleans_from_the_command_line_mean_what_they_say():
 
 def test_backends_lists_options_and_availability(capsys):
     assert main(["backends", "--json"]) == 0
-    records = {r["backend"]: r for r in json.loads(capsys.readouterr().out)}
+    records = {r["backend"]: r for r in json.loads(capsys.readouterr().out)["backends"]}
     assert list(records) == ["ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino", "torch"]
     assert records["ort-cpu"]["available"] and records["ort-cpu"]["why"] == ""
     assert [o["name"] for o in records["tensorrt"]["options"]][:3] == [

@@ -8,10 +8,11 @@ import pytest
 
 from convforge.cli import main
 from convforge.cli.options import Parser
+from convforge.cli.plan import use_plan
 from convforge.cli.runtime import serve_config, serve_parser
-from convforge.cli.tune import use_plan
 from convforge.errors import UserError
-from convforge.runtime import bench
+from convforge.runtime.environment import environment
+from convforge.runtime.model import load_plan
 from convforge.runtime.plan import Plan, PlanWarning
 from tests.runtime.test_plan import make_plan
 
@@ -67,7 +68,7 @@ def test_tune_json_prints_the_plan_it_wrote(tmp_path, capsys):
     assert printed["format"] == "convforge-plan/1"
     (entry,) = Plan.read(out).entries
     assert printed["entries"][0] == {**entry.__dict__, "file": str(Path(model).resolve())}
-    assert printed["environment"]["cpu"] == bench.environment()["cpu"]
+    assert printed["environment"]["cpu"] == environment()["cpu"]
 
 
 def _with_dataset(tmp_path, spec: str) -> str:
@@ -154,6 +155,10 @@ def test_bench_with_a_plan_times_each_entry(plan_file, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "plan, batch 3: ort-cpu digits.onnx threads=1" in out  # 3 is closer to 1 than 8
+    argv[argv.index("--batch-sizes=3")] = "--batch-sizes=1,8,32"  # bench's default, given
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "plan, batch 32: ort-cpu" in out  # asked for, so not replaced by the plan's sizes
 
 
 def test_serve_with_a_plan_serves_the_entry_for_its_max_batch(plan_file):
@@ -224,9 +229,9 @@ def test_a_file_changed_since_tuning_is_a_one_line_error(plan_file, capsys, comm
 def test_force_plan_runs_a_changed_file_with_a_warning(plan_file, tmp_path):
     model = _changed(plan_file.parent / "digits.onnx")
     with pytest.raises(UserError, match="changed since it was tuned"):
-        use_plan(str(plan_file), [str(model)], {}).load_model(1)
+        load_plan(use_plan(str(plan_file), [str(model)], {}), 1)
     plan = use_plan(str(plan_file), [str(model)], {}, force=True)
-    with pytest.warns(PlanWarning, match="running it as forced"), plan.load_model(1) as m:
+    with pytest.warns(PlanWarning, match="running it as forced"), load_plan(plan, 1) as m:
         assert m.backend.name == "ort-cpu"
     # serve reads the flag from its arguments, where its parser declares --force-plan.
     parser = Parser(prog="convforge serve")
@@ -252,8 +257,10 @@ def test_a_plan_naming_an_absolute_path_is_a_one_line_error(plan_file, capsys):
 
 
 def test_a_plan_from_another_machine_warns_in_one_line(plan_file, monkeypatch, capsys):
-    here = bench.environment()
-    monkeypatch.setattr(bench, "environment", lambda: {**here, "cpu": "Elsewhere CPU"})
+    here = environment()
+    monkeypatch.setattr(
+        "convforge.runtime.plan.environment", lambda: {**here, "cpu": "Elsewhere CPU"}
+    )
     model = str(plan_file.parent / "digits.onnx")
     assert main(["predict", model, IMAGES[0], "--plan", str(plan_file)]) == 0
     err = capsys.readouterr().err

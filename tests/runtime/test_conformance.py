@@ -136,18 +136,23 @@ def test_unavailable_says_why_and_loads_nothing(name, exported, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_matches_the_reference(name, exported, tmp_path):
     """With default options every backend runs an fp32 file in fp32 (OpenVINO once chose
-    bf16 on CPUs with AMX or AVX512-BF16: 0.6% off, seen on an Intel Xeon VM)."""
+    bf16 on CPUs with AMX or AVX512-BF16: 0.6% off, seen on an Intel Xeon VM), except
+    ort-trt, which cannot: it says tf32."""
     path, model, _ = exported
     backend = _loaded(name, path, tmp_path)
     try:
         assert backend.spec == contract.InputSpec(*SMALL_INPUT)
-        assert backend.precision == "fp32"
+        # ONNX Runtime's TensorRT provider leaves TensorRT's TF32 on, with no switch: it says
+        # tf32, and is held to TensorRT's TF32 tolerance. Every backend that says fp32 is
+        # held to 1e-4.
+        tf32 = name == "ort-trt"
+        assert backend.precision == ("tf32" if tf32 else "fp32")
         for n in (1, 5):
             x = random_batch(n, seed=n)
             want = torch_logits(model, x)
             got = backend.run(x)
             assert got.dtype == np.float32 and got.shape == want.shape
-            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+            assert np.abs(got - want).max() <= (1e-2 if tf32 else 1e-4) * np.abs(want).max()
     finally:
         backend.close()
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from convforge.cli import main
 from convforge.contract import read_info
-from convforge.runtime import bench, load
+from convforge.runtime import backends, bench, load
 from convforge.runtime.backends import BACKENDS
 from convforge.runtime.candidates import candidates
 from convforge.runtime.preprocess import preprocess
@@ -93,6 +93,20 @@ def test_tune_considers_only_the_sizes_a_file_takes(torchvision_files):
     pool, skipped = candidates([str(static)], (1, 4), ["ort-cpu"])
     assert {c.batch_size for c in pool} == {1}
     assert "batch 4 on tv_static.onnx (its batch is fixed at 1)" in skipped
+
+
+def test_tensorrt_candidates_on_a_fixed_batch_file_leave_the_profile_to_the_file(
+    torchvision_files, monkeypatch
+):
+    # TensorRT builds a fixed-batch file for that batch alone; a tuned min/max batch would
+    # be a conflicting option (a UserError), so tune does not offer one.
+    _, static, _, _ = torchvision_files
+    cls = backends.backend_class("tensorrt")
+    monkeypatch.setattr(cls, "available", classmethod(lambda c: (True, "")))
+    pool, _ = candidates([str(static)], (1,), ["tensorrt"])
+    assert pool and all(
+        not {"min_batch", "opt_batch", "max_batch"} & dict(c.options).keys() for c in pool
+    )
 
 
 def test_cli_bench_and_predict_on_a_torch_export(torchvision_files, capsys):

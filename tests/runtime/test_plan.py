@@ -12,7 +12,10 @@ import pytest
 from convforge.contract import sha256_of
 from convforge.errors import UserError
 from convforge.runtime import bench, load
-from convforge.runtime.plan import FORMAT, Plan, PlanEntry, PlanWarning, bench_plan
+from convforge.runtime.bench import bench_plan
+from convforge.runtime.environment import environment
+from convforge.runtime.model import load_plan
+from convforge.runtime.plan import FORMAT, Plan, PlanEntry, PlanWarning
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 IMAGE = FIXTURES / "digit-0-4.png"  # a 4
@@ -46,7 +49,7 @@ def make_plan(folder: Path, sizes=(1, 8), threads=1) -> Plan:
         entries=entries,
         accuracy={"metric": "top1", "dataset": "digits", "images": 179, "reference": 0.97},
         search={"batch_sizes": list(sizes), "budget_seconds": 10.0},
-        environment=bench.environment(),
+        environment=environment(),
         created="2026-01-01T00:00:00+00:00",
     )
 
@@ -129,7 +132,9 @@ def test_a_plan_from_another_machine_warns_with_what_differs(plan, monkeypatch):
         assert plan.check_environment(here) == []
         # torch is not a library of this ort-cpu plan: its version does not matter.
         assert plan.check_environment({**here, "torch_version": "0.1"}) == []
-    monkeypatch.setattr(bench, "environment", lambda: {**here, "cpu": "Other CPU 9000"})
+    monkeypatch.setattr(
+        "convforge.runtime.plan.environment", lambda: {**here, "cpu": "Other CPU 9000"}
+    )
     with pytest.warns(PlanWarning, match=r"cpu: .* -> Other CPU 9000"):
         plan.check_environment()
     other = {**here, "onnxruntime_version": "0.0.1", "gpu": "NVIDIA H100"}
@@ -138,8 +143,10 @@ def test_a_plan_from_another_machine_warns_with_what_differs(plan, monkeypatch):
 
 
 def test_running_the_plan_warns_on_another_machine(plan, monkeypatch):
-    monkeypatch.setattr(bench, "environment", lambda: {**plan.environment, "logical_cores": 96})
-    with pytest.warns(PlanWarning, match="logical_cores"), plan.load_model(1) as model:
+    monkeypatch.setattr(
+        "convforge.runtime.plan.environment", lambda: {**plan.environment, "logical_cores": 96}
+    )
+    with pytest.warns(PlanWarning, match="logical_cores"), load_plan(plan, 1) as model:
         assert model.backend.name == "ort-cpu"
 
 
@@ -187,7 +194,7 @@ def test_missing_or_unreadable_plan(tmp_path):
 
 
 def test_load_model_runs_exactly_the_planned_configuration(plan):
-    with plan.load_model(batch_size=6) as model:  # closest to 6: the batch-8 entry
+    with load_plan(plan, batch_size=6) as model:  # closest to 6: the batch-8 entry
         assert model.backend.name == "ort-cpu" and model.backend.threads == 1
         assert model.backend.threads_source == "option" and model.batch_size == 8
         assert model.predict([IMAGE], topk=1)[0][0].label == "4"
@@ -211,7 +218,7 @@ def test_runtime_load_takes_a_plan_for_its_own_model_only(plan, tmp_path):
 def test_a_changed_file_is_an_error_unless_forced_and_a_missing_one_always(plan, tmp_path):
     plan.files = {f: "0" * 64 for f in plan.files}  # as if tuned on other bytes
     with pytest.raises(UserError, match="^[^\n]*$") as e:
-        plan.load_model(1)
+        load_plan(plan, 1)
     assert str(e.value) == (
         f"{plan.model} changed since it was tuned (sha256 differs): it is not what was "
         "tuned and checked; re-run `convforge tune`, or give --force-plan to run it anyway"
@@ -220,12 +227,12 @@ def test_a_changed_file_is_an_error_unless_forced_and_a_missing_one_always(plan,
     with pytest.raises(UserError, match="has no sha256 in the plan"):
         plan.check_file(plan.entries[0])
     plan.force = True  # --force-plan
-    with pytest.warns(PlanWarning, match="running it as forced"), plan.load_model(1) as model:
+    with pytest.warns(PlanWarning, match="running it as forced"), load_plan(plan, 1) as model:
         assert model.backend.name == "ort-cpu"
     assert "force" not in json.dumps(dataclasses.asdict(plan))  # never in the file
     Path(plan.model).unlink()
     with pytest.raises(UserError, match=r"the plan's file .*digits.onnx is missing"):
-        plan.load_model(1)
+        load_plan(plan, 1)
 
 
 def test_a_torch_entry_checks_the_pt2_program_it_runs(plan, tmp_path):

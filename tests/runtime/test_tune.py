@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from convforge import contract
 from convforge.errors import UserError
-from convforge.runtime import backends, bench
+from convforge.runtime import backends, evaluate, load
 from convforge.runtime.backends.options import parse_options
 from convforge.runtime.backends.ort import OrtCpu
 from convforge.runtime.backends.ort_gpu import OrtCuda, OrtTensorRT
@@ -54,7 +54,8 @@ def models(tmp_path_factory):
 
 def _top1(path, images, labels) -> float:
     """The oracle: top-1 through the Model API, independent of tune's own code."""
-    return bench.accuracy("ort-cpu", str(path), images, labels)
+    with load(str(path), backend="ort-cpu") as model:
+        return evaluate.accuracy(model, images, labels)
 
 
 def test_cpu_candidates_are_each_backends_settings_that_matter(models, monkeypatch):

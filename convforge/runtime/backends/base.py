@@ -4,6 +4,7 @@
     ok, why = backend.available()               # is the package/device here? if not, why
     backend.load()                              # builds/compiles; may be slow
     logits = backend.run(batch)                 # float32 [N, C, H, W] -> float32 [N, K]
+    other = backend.sibling()                   # another loaded instance, for another thread
     backend.close()                             # idempotent
 
 or ``with OrtCpu(path) as b: b.run(x)`` (load on enter, close on exit).
@@ -50,6 +51,7 @@ class Backend:
     def __init__(self, path: str, **options) -> None:
         self.path = str(path)
         self.options = parse_options(self.Options, options, self.name)
+        self._given = dict(options)  # as given: for sibling(), and which options were set
         self.spec: InputSpec | None = None  # set by load()
         self.info = None  # the file's ModelInfo, for backends that read it in load()
         self.precision: str = "fp32"  # the precision that actually runs (set by load)
@@ -105,6 +107,19 @@ class Backend:
             raise
         self._loaded = True
         return self
+
+    def sibling(self) -> Backend:
+        """Another loaded instance of this backend for another thread: same file, same
+        options (as given to this one's constructor).
+
+        Call it on a loaded instance, in the thread that will run the new one (serve's
+        runner threads do: CUDA state such as the current device is per thread). The
+        default creates and loads a fresh one; a backend whose loaded state several threads
+        can share (a TensorRT engine, one execution context each) overrides it.
+        """
+        if not self._loaded:
+            raise RuntimeError(f"{self.name}: call load() before sibling()")
+        return type(self)(self.path, **self._given).load()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (float32 [N, K]) for ``batch``: float32 [N, C, H, W], preprocessed, or

@@ -3,11 +3,15 @@
 TensorRT takes device memory as integer addresses and a CUDA stream; cuda-python
 (``cuda.bindings.runtime``, the ``tensorrt`` extra) provides both. Its calls
 return ``(error, value...)`` tuples instead of raising: :func:`cuda_call` turns
-an error into a RuntimeError naming it. :func:`check_device_tensor` checks a
-caller's torch CUDA tensor before its address is handed to TensorRT.
+an error into a RuntimeError naming it. :class:`Allocation` is one block of device
+memory (``cudaMalloc``) or page-locked host memory (``cudaMallocHost``), grown on
+demand. :func:`check_device_tensor` checks a caller's torch CUDA tensor before its
+address is handed to TensorRT.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 
@@ -36,6 +40,48 @@ def cuda_call(rt, result, what: str):
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+class Allocation:
+    """One block of device memory (``cudaMalloc``, aligned to 256 bytes or more) or, with
+    ``pinned``, of page-locked host memory (``cudaMallocHost``), which copies to and from the
+    device read by DMA, without the driver's own staging copy of pageable memory, and which
+    ``cudaMemcpyAsync`` copies asynchronously. ``ptr`` is None until the first
+    :meth:`reserve`; :meth:`free` gives it back (the owner's close)."""
+
+    def __init__(self, rt, pinned: bool = False) -> None:
+        self.rt, self.pinned = rt, pinned
+        self.ptr: int | None = None
+        self.nbytes = 0
+
+    def reserve(self, nbytes: int) -> int:
+        """The address of a block of at least ``nbytes``: this one, or a new one when it is
+        too small (the old one is freed first, so no copy or kernel may still use it)."""
+        if self.ptr is None or nbytes > self.nbytes:
+            self.free()
+            rt = self.rt
+            what = "cudaMallocHost" if self.pinned else "cudaMalloc"
+            alloc = rt.cudaMallocHost if self.pinned else rt.cudaMalloc
+            self.ptr = int(cuda_call(rt, alloc(max(int(nbytes), 1)), what))
+            self.nbytes = int(nbytes)
+        return self.ptr
+
+    def array(self, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A numpy view of a pinned block's first bytes as ``dtype`` of ``shape`` (reserved
+        to fit first). It aliases the block: copy what must outlive the next use."""
+        if not self.pinned:
+            raise RuntimeError("only page-locked host memory can be viewed from the host")
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        self.reserve(count * dtype.itemsize)
+        raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr)
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+    def free(self) -> None:
+        """Give the block back (best effort: this runs on close and on error paths)."""
+        if self.ptr is not None:
+            (self.rt.cudaFreeHost if self.pinned else self.rt.cudaFree)(self.ptr)
+        self.ptr, self.nbytes = None, 0
 
 
 def check_device_tensor(tensor, device_id: int, dtype: np.dtype) -> None:

@@ -135,6 +135,9 @@ def _number(what: str, value) -> float:
         raise UserError(f"{what} takes a number, got {value!r}") from None
 
 
+PROFILE_OPTIONS = ("min_batch", "opt_batch", "max_batch")  # BatchProfile's fields
+
+
 @dataclass(frozen=True)
 class BatchProfile:
     """The batch range a TensorRT engine is built for (one optimisation profile)."""
@@ -157,3 +160,25 @@ class BatchProfile:
                 f"min_batch={self.min_batch}, opt_batch={opt}, max_batch={self.max_batch}"
             )
         return self.min_batch, opt, self.max_batch
+
+    def for_file(self, backend: str, info, given) -> tuple[int, int, int]:
+        """(min, opt, max) batch to build ``info``'s file for: :meth:`profile` for a file
+        whose batch dimension is dynamic; (b, b, b) for one fixed at b (TensorRT requires
+        min = opt = max = the network's size for a static dimension). A batch option in
+        ``given`` (the option names the user set) that differs from b is a one-line
+        UserError."""
+        b = info.spec.batch
+        if b is None:
+            return self.profile(backend)
+        conflicts = [
+            f"{name}={getattr(self, name)}"
+            for name in PROFILE_OPTIONS
+            if name in given and getattr(self, name) not in (None, b)
+        ]
+        if conflicts:
+            raise UserError(
+                f"{os.path.basename(info.path)} has a fixed batch of {b}, so {backend} builds "
+                f"for exactly {b}; drop {', '.join(conflicts)} or set "
+                f"{'it' if len(conflicts) == 1 else 'them'} to {b}"
+            )
+        return b, b, b

@@ -7,9 +7,14 @@
 
 Build (TensorRT 10.x and 11.x Python API): ``trt.Builder`` -> ``create_network`` ->
 ``trt.OnnxParser.parse_from_file`` -> one optimization profile over the batch range of
-input ``input`` (the shared :class:`~.options.BatchProfile`; C, H, W from the file) ->
+input ``input`` (the shared :class:`~.options.BatchProfile`; C, H, W from the file; a
+file whose batch dimension is fixed at b gets (b, b, b), as TensorRT requires of a static
+dimension, and a batch option that says otherwise is a UserError) ->
 ``create_builder_config`` with a timing cache kept in the cache dir ->
-``build_serialized_network`` -> ``trt.Runtime(logger).deserialize_cuda_engine``.
+``build_serialized_network`` -> ``trt.Runtime(logger).deserialize_cuda_engine``. A file
+TensorRT cannot parse, a profile it rejects, a failed build or an engine that does not
+deserialize is :class:`BackendUnavailable`: ``auto`` records why and moves on, a backend
+asked for by name fails with that line.
 
 Precision comes from the ONNX itself (fp16 tensors, or Q/DQ int8 from ``convforge
 export --int8-target tensorrt``), never from builder flags: TensorRT 11 removed
@@ -23,18 +28,30 @@ non-zero zero points.
 
 Checked at every step, since TensorRT reports failure by return value, not exception:
 ``set_input_shape``, ``set_tensor_address``, ``set_timing_cache`` and ``execute_async_v3``
-return False on failure and are checked. An unreadable timing cache is discarded with a
-warning and rebuilt. Tensor addresses must be device memory with at least 256-byte
-alignment (``IExecutionContext::setTensorAddress``): this backend's own buffers come from
-``cudaMalloc``; a caller's torch tensor is checked before binding. One ``trt.Logger``
+return False on failure, ``add_optimization_profile`` -1, ``build_serialized_network``
+and ``deserialize_cuda_engine`` None; each is checked. An unreadable timing cache is
+discarded with a warning and rebuilt, and so is a cached engine that does not
+deserialize. Tensor addresses must be device memory with at least 256-byte alignment
+(``IExecutionContext::setTensorAddress``): this backend's own buffers come from
+``cudaMalloc``; a caller's torch tensor is checked before binding. TensorRT needs an
+address for every I/O tensor: outputs other than the class scores (the file's ``output``)
+go to scratch buffers. One ``trt.Logger``
 serves the whole process (TensorRT keeps one logger pointer; a second one makes it log
 that the loggers differ).
 
 Device memory and the stream come from cuda-python (``cuda.bindings.runtime``, or
 ``cuda.cudart`` before cuda-python 12.6.1), which the ``tensorrt`` extra installs:
-torch is not needed. Engines are cached under ``~/.cache/convforge/tensorrt/`` (option
-``cache_dir``), keyed by :func:`engine_cache_key` (sha256 of the ONNX bytes, GPU name,
-TensorRT version, profile) and written atomically. TensorRT and cuda-python are imported
+torch is not needed. Each instance has its own non-blocking stream, device buffers and
+page-locked (pinned) host staging buffers, grown on demand in powers of two of rows, so
+``run`` is two DMA copies and the engine queued on one stream with one synchronization.
+:meth:`TensorRT.sibling` makes another instance for another thread that shares the
+deserialized engine (one execution context each, as TensorRT's thread-safety rules ask);
+the engine goes when the last instance sharing it closes. Each thread that uses an
+instance sets CUDA's current device to ``device_id`` first.
+
+Engines are cached under ``~/.cache/convforge/tensorrt/`` (option ``cache_dir``), keyed
+by :func:`engine_cache_key` (sha256 of the ONNX bytes, GPU name, TensorRT version,
+profile) and written atomically once they deserialize. TensorRT and cuda-python are imported
 only inside functions.
 """
 
@@ -42,6 +59,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -54,6 +73,7 @@ from convforge.errors import UserError
 from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
 from convforge.runtime.backends.cuda_runtime import (
     ALIGNMENT,
+    Allocation,
     check_device_tensor,
     cuda_call,
     cudart,
@@ -61,10 +81,45 @@ from convforge.runtime.backends.cuda_runtime import (
 from convforge.runtime.backends.options import BatchProfile
 from convforge.settings import setting
 
-INSTALL_HINT = (
-    "tensorrt is not installed: pip install 'convforge[tensorrt]' on a machine with an NVIDIA GPU"
+# Where TensorRT comes from: NVIDIA's package index (PyPI has the bindings only as wheels;
+# its tensorrt packages are source distributions that fetch the libraries from NVIDIA's
+# index while installing), or a JetPack or NGC container image that ships it.
+WHERE = (
+    "pip install 'convforge[tensorrt]' --extra-index-url https://pypi.nvidia.com, "
+    "or use JetPack or an NGC container, which ship TensorRT"
 )
+INSTALL_HINT = f"tensorrt is not installed: {WHERE}"
 DEFAULT_CACHE_DIR = "~/.cache/convforge/tensorrt"
+
+
+def tensorrt_import_error() -> str | None:
+    """None when ``import tensorrt`` works, else why not in one line, with where to get it.
+
+    Tells "not installed" from "installed but does not load": TensorRT's Python package
+    imports its native libraries (``libnvinfer.so.N``) as it loads, so bindings without
+    them (a ``tensorrt-cu*-bindings`` wheel alone, a wheel for another CUDA or TensorRT
+    major) fail with the loader's message, which is kept.
+    """
+    try:
+        import tensorrt  # noqa: F401
+
+        return None
+    except ModuleNotFoundError as e:
+        if e.name != "tensorrt":
+            error = e  # the package is there; something it imports is not
+        elif importlib.util.find_spec("tensorrt_bindings") is None:
+            return INSTALL_HINT
+        else:  # the bindings wheel's module, without the tensorrt package around it
+            try:
+                import tensorrt_bindings  # noqa: F401
+            except Exception as inner:  # noqa: BLE001 (the loader raises ImportError/OSError)
+                error = inner
+            else:
+                return f"tensorrt_bindings is installed without the tensorrt package: {WHERE}"
+    except Exception as e:  # noqa: BLE001 (ImportError from the loader, OSError from ctypes)
+        error = e
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return f"tensorrt's Python bindings are installed but do not load ({reason}): {WHERE}"
 
 
 def refuse_asymmetric_int8(backend: str, info: ModelInfo) -> None:
@@ -169,6 +224,42 @@ def timing_cache(config, path: Path):
     return cache
 
 
+class SharedEngine:
+    """A deserialized engine and the runtime it came from, shared by a loaded instance and
+    every :meth:`TensorRT.sibling` made from it.
+
+    TensorRT's runtime and engine may be used by several threads at once provided each uses
+    its own execution context ("How TensorRT Works", TensorRT 11.1: thread safety), so each
+    instance gets one from :meth:`new_context`, counted. :meth:`release`, called once per
+    context on close, drops the engine and then the runtime (TensorRT's order: a runtime
+    outlives its engines, an engine its contexts) when the last one is gone.
+    """
+
+    def __init__(self, runtime, engine) -> None:
+        self.runtime, self.engine = runtime, engine
+        self.users = 0
+        self._lock = threading.Lock()
+
+    def new_context(self):
+        """A new IExecutionContext of the engine, counted as one user of it."""
+        with self._lock:  # TensorRT documents concurrent contexts, not concurrent creation
+            if self.engine is None:
+                raise RuntimeError("the shared TensorRT engine is already released")
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise RuntimeError("TensorRT could not create an execution context (see its log)")
+            self.users += 1
+            return context
+
+    def release(self) -> None:
+        """One context fewer; the last one out drops the engine, then the runtime."""
+        with self._lock:
+            self.users -= 1
+            if self.users <= 0:
+                self.engine = None
+                self.runtime = None
+
+
 class TensorRT(Backend, DeviceResident):
     name = "tensorrt"
 
@@ -180,7 +271,7 @@ class TensorRT(Backend, DeviceResident):
 
     def __init__(self, path: str, **options) -> None:
         super().__init__(path, **options)
-        self.profile = self.options.profile(self.name)
+        self.profile = self.options.profile(self.name)  # (b, b, b) on load for a fixed batch
         self.cache_dir = Path(self.options.cache_dir).expanduser()
         self.device_id = self.options.device_id
         self.engine_path: Path | None = None
@@ -189,28 +280,31 @@ class TensorRT(Backend, DeviceResident):
         self.trt_version: str | None = None
         self.gpu_name: str | None = None
         self._rt = None  # cuda-python runtime module
-        self._runtime = None
-        self._engine = None
+        self._shared: SharedEngine | None = None
         self._context = None
         self._stream = None
-        self._output_name: str | None = None
-        self._dtypes: tuple[np.dtype, np.dtype] | None = None  # input, output
-        self._buffers: dict[int, tuple[int, int, tuple[int, ...]]] = {}  # n -> in, out, shape
-        self._bound: int | None = None  # batch size the context's shape and addresses are for
+        self._output_name: str | None = None  # the class scores, among the engine's outputs
+        self._dtypes: dict[str, np.dtype] = {}  # every I/O tensor (input first)
+        self._device: dict[str, Allocation] = {}  # this instance's device buffer per tensor
+        self._host_in: Allocation | None = None  # pinned staging, input
+        self._host_out: Allocation | None = None  # pinned staging, class scores
+        self._shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # batch -> tensor shapes
+        self._shape_n: int | None = None  # the batch size the context's input shape is for
+        self._bound: dict[str, int] = {}  # tensor -> the address the context holds
         self._staged: int | None = None
+        self._thread = threading.local()  # .device_set: cudaSetDevice done in this thread
 
     # -- availability ----------------------------------------------------------------------
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        try:
-            import tensorrt  # noqa: F401
-        except Exception:  # ImportError, or a broken install failing to load its libraries
-            return False, INSTALL_HINT
+        why = tensorrt_import_error()
+        if why:
+            return False, why
         try:
             rt = cudart()
         except ImportError:
-            return False, "cuda-python is not installed: pip install 'convforge[tensorrt]'"
+            return False, f"cuda-bindings (cuda-python) is not installed: {WHERE}"
         try:
             count = cuda_call(rt, rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
         except RuntimeError as e:
@@ -226,13 +320,14 @@ class TensorRT(Backend, DeviceResident):
 
         from convforge.files import atomic_write, ensure_dir
 
-        info = read_info(self.path)
+        info = self.info = read_info(self.path)
         self._input_name = info.input_name  # from the graph (torch's default is input.1)
         refuse_asymmetric_int8(self.name, info)
+        self.profile = self.options.for_file(self.name, info, self._given)
         tf32 = self.options.tf32 and info.precision == "fp32"
         self.precision = "tf32" if tf32 else info.precision
         rt = self._rt = cudart()
-        cuda_call(rt, rt.cudaSetDevice(self.device_id), "cudaSetDevice")
+        self._on_device()
         props = cuda_call(rt, rt.cudaGetDeviceProperties(self.device_id), "device properties")
         name = props.name
         self.gpu_name = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\0")
@@ -246,44 +341,102 @@ class TensorRT(Backend, DeviceResident):
         )
         ensure_dir(self.cache_dir)
         self.engine_path = self.cache_dir / f"{key}.engine"
+        # The runtime must outlive its engine (TensorRT's rule): SharedEngine keeps both.
+        runtime = trt.Runtime(logger())
+        engine = None
         if self.engine_path.is_file():
-            plan = self.engine_path.read_bytes()
             self.cache_hit = True
-        else:
+            engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            if engine is None:  # written by this key's TensorRT and GPU, so damaged: rebuild
+                warnings.warn(
+                    f"TensorRT could not deserialize the cached engine {self.engine_path}; "
+                    "rebuilding it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if engine is None:
             start = time.perf_counter()
             plan = self._build(trt, info.spec)
             self.build_seconds = time.perf_counter() - start
-            with atomic_write(self.engine_path) as f:
-                f.write(plan)
             self.cache_hit = False
+            engine = runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise BackendUnavailable(
+                    f"TensorRT could not deserialize the engine it built for {self.path} "
+                    "(see its log)"
+                )
+            with atomic_write(self.engine_path) as f:  # only an engine that loads is cached
+                f.write(plan)
 
-        # The runtime must outlive its engine (TensorRT's rule); both are kept until close.
-        self._runtime = trt.Runtime(logger())
-        engine = self._runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise UserError(
-                f"TensorRT could not deserialize the cached engine {self.engine_path}; "
-                "delete it to rebuild"
-            )
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if self._input_name not in names or len(outputs) != 1:
-            raise UserError(
-                f"{self.path}: expected input {self._input_name!r} and one output, got {names}"
-            )
-        self._engine = engine
-        self._output_name = outputs[0]
-        self._dtypes = tuple(
-            np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in (self._input_name, outputs[0])
-        )
-        self._context = engine.create_execution_context()
-        if self._context is None:
-            raise RuntimeError("TensorRT could not create an execution context (see its log)")
-        self._stream = cuda_call(rt, rt.cudaStreamCreate(), "cudaStreamCreate")
+        self._io_tensors(trt, engine, info)
+        self._shared = SharedEngine(runtime, engine)
+        self._open_context()
         return info.spec
 
+    def _io_tensors(self, trt, engine, info: ModelInfo) -> None:
+        """The engine's I/O names and numpy dtypes, and which output holds the class scores
+        (the file's, as read_info chose it; any other output is bound to a scratch buffer,
+        since TensorRT needs an address for every I/O tensor)."""
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if inputs != [self._input_name] or info.output_name not in outputs:
+            raise BackendUnavailable(
+                f"{self.name} expected the input {self._input_name!r} and an output "
+                f"{info.output_name!r} in the engine for {self.path}; it has inputs {inputs} "
+                f"and outputs {outputs}"
+            )
+        self._output_name = info.output_name
+        dtypes = {}
+        for n in [*inputs, *outputs]:
+            trt_type = engine.get_tensor_dtype(n)
+            try:
+                dtypes[n] = np.dtype(trt.nptype(trt_type))
+            except TypeError:  # bf16, fp8, int4: no numpy type to stage or return them in
+                raise BackendUnavailable(
+                    f"{self.name} cannot return tensor {n!r} of {self.path}: its type "
+                    f"{trt_type} has no numpy equivalent"
+                ) from None
+        self._dtypes = dtypes
+
+    def _open_context(self) -> None:
+        """This instance's execution context (from the shared engine), its own stream and
+        its buffers (allocated on first use): what an instance does not share."""
+        rt = self._rt
+        self._on_device()
+        self._context = self._shared.new_context()
+        # Non-blocking: no implicit synchronization with the legacy default stream, which
+        # other libraries in the process (or another instance's plain cudaMemcpy) may use.
+        self._stream = cuda_call(
+            rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate"
+        )
+        self._device = {n: Allocation(rt) for n in self._dtypes}
+        self._host_in, self._host_out = Allocation(rt, pinned=True), Allocation(rt, pinned=True)
+
+    def sibling(self) -> TensorRT:
+        """Another loaded instance for another thread, sharing this one's deserialized engine
+        (and runtime) with its own execution context, stream and buffers: ``serve
+        --instances N`` deserializes one engine, not N. Call it in the thread that will run
+        the new instance: it sets CUDA's current device there. The engine is released when
+        the last instance sharing it is closed."""
+        if not self._loaded:
+            raise RuntimeError(f"{self.name}: call load() before sibling()")
+        other = type(self)(self.path, **self._given)
+        for attr in ("info", "spec", "precision", "profile", "engine_path", "cache_hit",
+                     "build_seconds", "trt_version", "gpu_name", "_input_name", "_output_name",
+                     "_dtypes", "_rt", "_shared"):  # fmt: skip
+            setattr(other, attr, getattr(self, attr))
+        try:
+            other._open_context()
+        except BaseException:
+            other._close()
+            raise
+        other._loaded = True
+        return other
+
     def _build(self, trt, spec: InputSpec) -> bytes:
-        """Parse the ONNX and build a serialized engine (bytes) for self.profile."""
+        """Parse the ONNX and build a serialized engine (bytes) for self.profile.
+        BackendUnavailable (``auto`` moves on) when TensorRT cannot parse or build it."""
         from convforge.files import atomic_write
 
         builder = trt.Builder(logger())
@@ -291,7 +444,8 @@ class TensorRT(Backend, DeviceResident):
         parser = trt.OnnxParser(network, logger())
         if not parser.parse_from_file(str(self.path)):
             errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-            raise UserError(f"TensorRT cannot parse {self.path}: {errors or 'unknown error'}")
+            errors = " ".join((errors or "unknown error").split())  # one line
+            raise BackendUnavailable(f"TensorRT cannot parse {self.path}: {errors}")
         names = [network.get_input(i).name for i in range(network.num_inputs)]
         if self._input_name not in names:
             raise UserError(f"{self.path}: no input named {self._input_name!r} (inputs: {names})")
@@ -303,8 +457,14 @@ class TensorRT(Backend, DeviceResident):
             config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
         lo, opt, hi = self.profile  # per-image shape in the file's layout (NHWC for uint8)
-        profile.set_shape(self._input_name, spec.shape(lo), spec.shape(opt), spec.shape(hi))
-        config.add_optimization_profile(profile)
+        shapes = [spec.shape(b) for b in (lo, opt, hi)]
+        what = f"the optimization profile {list(shapes[0])}..{list(shapes[2])} (opt {opt})"
+        try:  # the Python binding raises when a shape contradicts another
+            profile.set_shape(self._input_name, *shapes)
+        except RuntimeError as e:
+            raise BackendUnavailable(f"TensorRT rejected {what} for {self.path}: {e}") from None
+        if config.add_optimization_profile(profile) < 0:  # -1: invalid
+            raise BackendUnavailable(f"TensorRT rejected {what} for {self.path} (see its log)")
 
         # timing caches are per device and TensorRT version (ignore_mismatch=False checks it)
         tag = hashlib.sha256(f"{self.gpu_name}\0{trt.__version__}".encode()).hexdigest()[:16]
@@ -313,12 +473,21 @@ class TensorRT(Backend, DeviceResident):
 
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise UserError(f"TensorRT failed to build an engine for {self.path} (see its log)")
+            raise BackendUnavailable(
+                f"TensorRT failed to build an engine for {self.path} (see its log)"
+            )
         with atomic_write(cache_file) as f:
             f.write(memoryview(cache.serialize()))
         return bytes(memoryview(serialized))
 
     # -- run -------------------------------------------------------------------------------
+
+    def _on_device(self) -> None:
+        """``cudaSetDevice(device_id)`` once in each thread that uses this instance: CUDA's
+        current device is per thread, and TensorRT launches its kernels on the current one."""
+        if not getattr(self._thread, "device_set", False):
+            cuda_call(self._rt, self._rt.cudaSetDevice(self.device_id), "cudaSetDevice")
+            self._thread.device_set = True
 
     def _check_batch_size(self, n: int) -> None:
         lo, _, hi = self.profile
@@ -328,36 +497,80 @@ class TensorRT(Backend, DeviceResident):
                 f" rebuild with max_batch={n} or send smaller batches"
             )
 
-    def _bind_buffers(self, n: int) -> tuple[int, int, tuple[int, ...]]:
-        """Set the input shape for batch ``n`` and bind this backend's device buffers for it
-        (allocated on first use with cudaMalloc, which aligns to 256 bytes or more)."""
-        rt, ctx = self._rt, self._context
-        if n not in self._buffers:
-            set_shape(ctx, self._input_name, self.spec.shape(n))
-            out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
-            in_dtype, out_dtype = self._dtypes
-            in_bytes = int(np.prod(self.spec.shape(n))) * in_dtype.itemsize
-            out_bytes = int(np.prod(out_shape)) * out_dtype.itemsize
-            x = cuda_call(rt, rt.cudaMalloc(in_bytes), "cudaMalloc")
-            try:
-                y = cuda_call(rt, rt.cudaMalloc(out_bytes), "cudaMalloc")
-            except RuntimeError:
-                rt.cudaFree(x)
-                raise
-            self._buffers[n] = (x, y, out_shape)
-            self._bound = None
-        x, y, out_shape = self._buffers[n]
-        if self._bound != n:
-            set_shape(ctx, self._input_name, self.spec.shape(n))
-            bind(ctx, self._input_name, x)
-            bind(ctx, self._output_name, y)
-            self._bound = n
-        return x, y, out_shape
+    def _shapes_for(self, n: int) -> dict[str, tuple[int, ...]]:
+        """Set the context's input shape for a batch of ``n``; every I/O tensor's shape."""
+        if self._shape_n != n:
+            set_shape(self._context, self._input_name, self.spec.shape(n))
+            self._shape_n = n
+        if n not in self._shapes:
+            ctx = self._context
+            shapes = {
+                name: tuple(int(d) for d in ctx.get_tensor_shape(name)) for name in self._dtypes
+            }
+            for name, shape in shapes.items():
+                if any(d < 0 for d in shape):
+                    raise UserError(
+                        f"{self.path}: output {name!r} has a data-dependent shape "
+                        f"{list(shape)}, which the tensorrt backend does not run"
+                    )
+            self._shapes[n] = shapes
+        return self._shapes[n]
 
-    def _enqueue(self) -> None:
-        """Run the bound engine on the stream and wait for it."""
+    def _rows(self, n: int) -> int:
+        """Rows to allocate for a batch of ``n``: the next power of two, up to max_batch, so
+        that a batcher sending every size from 1 to 32 reallocates a few times, not 32."""
+        return max(n, min(self.profile[2], 1 << (n - 1).bit_length()))
+
+    def _prepare(self, n: int, addresses: dict[str, int] | None = None) -> tuple[int, ...]:
+        """Shape the context for a batch of ``n`` and bind every I/O tensor: to
+        ``addresses`` (name -> device pointer, a caller's tensors) where given, else to this
+        instance's device buffers, grown to fit (cudaMalloc aligns to 256 bytes or more).
+        Returns the class scores' shape."""
+        shapes = self._shapes_for(n)
+        given = addresses or {}
+        rows = self._rows(n)
+        for name, shape in shapes.items():
+            address = given.get(name)
+            if address is None:
+                nbytes = int(np.prod(shape)) * self._dtypes[name].itemsize
+                address = self._device[name].reserve(nbytes * rows // n)
+            if self._bound.get(name) != address:
+                bind(self._context, name, address)
+                self._bound[name] = address
+        return shapes[self._output_name]
+
+    def _copy_in(self, batch: np.ndarray) -> None:
+        """Queue ``batch`` -> pinned staging -> device input buffer on this stream."""
+        n = batch.shape[0]
+        host, dtype = self._host_in, self._dtypes[self._input_name]
+        host.reserve(batch.size * dtype.itemsize * self._rows(n) // n)
+        staged = host.array(dtype, batch.shape)
+        np.copyto(staged, batch, casting="same_kind")
+        rt = self._rt
+        kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        x = self._device[self._input_name].ptr
+        cuda_call(rt, rt.cudaMemcpyAsync(x, host.ptr, staged.nbytes, kind, self._stream),
+                  "host-to-device copy")  # fmt: skip
+
+    def _copy_out(self, n: int, out_shape: tuple[int, ...]) -> np.ndarray:
+        """Queue device scores -> pinned staging; the staging view (valid after a sync)."""
+        host = self._host_out
+        dtype = self._dtypes[self._output_name]
+        host.reserve(int(np.prod(out_shape)) * dtype.itemsize * self._rows(n) // n)
+        out = host.array(dtype, out_shape)
+        rt = self._rt
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        y = self._device[self._output_name].ptr
+        cuda_call(rt, rt.cudaMemcpyAsync(out.ctypes.data, y, out.nbytes, kind, self._stream),
+                  "device-to-host copy")  # fmt: skip
+        return out
+
+    def _execute(self) -> None:
+        """Queue the engine on this stream (the context's shape and addresses are set)."""
         if not self._context.execute_async_v3(self._stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
+
+    def _sync(self) -> None:
         cuda_call(self._rt, self._rt.cudaStreamSynchronize(self._stream), "stream sync")
 
     def stage(self, batch: np.ndarray) -> None:
@@ -367,39 +580,44 @@ class TensorRT(Backend, DeviceResident):
         self.check(batch)
         n = batch.shape[0]
         self._check_batch_size(n)
-        host = np.ascontiguousarray(batch, dtype=self._dtypes[0])
-        x, _, _ = self._bind_buffers(n)
-        rt = self._rt
-        kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        cuda_call(rt, rt.cudaMemcpyAsync(x, host.ctypes.data, host.nbytes, kind, self._stream),
-                  "host-to-device copy")  # fmt: skip
-        cuda_call(rt, rt.cudaStreamSynchronize(self._stream), "stream sync")  # host may go now
+        self._on_device()
+        self._prepare(n)
+        self._copy_in(batch)
+        self._sync()
         self._staged = n
 
     def run_device_resident(self) -> None:
         """Run on the staged batch: GPU compute and the closing synchronization only."""
         if self._staged is None:
             raise RuntimeError(f"{self.name}: call stage(batch) before run_device_resident()")
-        self._bind_buffers(self._staged)
-        self._enqueue()
+        self._on_device()
+        self._prepare(self._staged)
+        self._execute()
+        self._sync()
 
     def fetch(self) -> np.ndarray:
         """The logits of the last staged run, copied to the host (float32 [N, K])."""
         if self._staged is None:
             raise RuntimeError(f"{self.name}: nothing has run yet")
-        _, y, out_shape = self._buffers[self._staged]
-        out = np.empty(out_shape, dtype=self._dtypes[1])
-        rt = self._rt
-        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        cuda_call(rt, rt.cudaMemcpyAsync(out.ctypes.data, y, out.nbytes, kind, self._stream),
-                  "device-to-host copy")  # fmt: skip
-        cuda_call(rt, rt.cudaStreamSynchronize(self._stream), "stream sync")
-        return out.astype(np.float32, copy=False)
+        self._on_device()
+        n = self._staged
+        out = self._copy_out(n, self._prepare(n))
+        self._sync()
+        return np.array(out, dtype=np.float32)  # a copy: the staging buffer is reused
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        self.stage(batch)
-        self.run_device_resident()
-        return self.fetch()
+        """End to end with one synchronization: pinned host -> device, the engine, device ->
+        pinned host, queued in order on this instance's stream."""
+        n = batch.shape[0]
+        self._check_batch_size(n)
+        self._on_device()
+        out_shape = self._prepare(n)
+        self._copy_in(batch)
+        self._execute()
+        out = self._copy_out(n, out_shape)
+        self._sync()
+        self._staged = n
+        return np.array(out, dtype=np.float32)  # a copy: the staging buffer is reused
 
     def run_device(self, batch):
         """Zero-copy: ``batch`` is a torch CUDA tensor [N, C, H, W] of the engine's input
@@ -409,35 +627,45 @@ class TensorRT(Backend, DeviceResident):
 
         if not self._loaded:
             raise RuntimeError(f"{self.name}: call load() before run_device()")
-        check_device_tensor(batch, self.device_id, self._dtypes[0])
+        check_device_tensor(batch, self.device_id, self._dtypes[self._input_name])
         n = int(batch.shape[0])
         self._check_batch_size(n)
-        ctx = self._context
-        set_shape(ctx, self._input_name, tuple(batch.shape))
-        out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
-        out_dtype = getattr(torch, self._dtypes[1].name)
+        self._on_device()
+        out_shape = self._shapes_for(n)[self._output_name]
+        out_dtype = getattr(torch, self._dtypes[self._output_name].name)
         out = torch.empty(out_shape, dtype=out_dtype, device=batch.device)
-        bind(ctx, self._input_name, batch.data_ptr())
-        bind(ctx, self._output_name, out.data_ptr())
-        self._bound = None  # the context now points at the caller's memory
+        # the caller's input and a new output tensor; any other output goes to scratch
+        self._prepare(n, {self._input_name: batch.data_ptr(), self._output_name: out.data_ptr()})
         torch.cuda.current_stream(batch.device).synchronize()  # the input is written
-        self._enqueue()
+        self._execute()
+        self._sync()
         return out
 
     def _close(self) -> None:
         rt = self._rt
-        if rt is not None:
-            for x, y, _ in self._buffers.values():
-                rt.cudaFree(x)
-                rt.cudaFree(y)
-            if self._stream is not None:
-                rt.cudaStreamDestroy(self._stream)
-        self._buffers = {}
-        self._bound = self._staged = None
+        previous = None  # the calling thread's device, put back at the end
+        if rt is not None and not getattr(self._thread, "device_set", False):
+            # closed from a thread that never ran this instance: free on its device
+            err, *current = rt.cudaGetDevice()
+            if err == rt.cudaError_t.cudaSuccess and current[0] != self.device_id:
+                previous = current[0]
+                rt.cudaSetDevice(self.device_id)  # unchecked: close is best effort
+        counted = self._context is not None  # new_context() counted it
+        self._context = None  # before its engine, and before the memory it points at
+        if counted and self._shared is not None:
+            self._shared.release()
+        self._shared = None
+        for buffer in (*self._device.values(), self._host_in, self._host_out):
+            if buffer is not None:
+                buffer.free()
+        if rt is not None and self._stream is not None:
+            rt.cudaStreamDestroy(self._stream)
+        self._device, self._host_in, self._host_out = {}, None, None
+        self._shapes, self._bound = {}, {}
+        self._shape_n = self._staged = None
         self._stream = None
-        self._context = None  # destroy in dependency order: context, engine, runtime
-        self._engine = None
-        self._runtime = None
+        if previous is not None:
+            rt.cudaSetDevice(previous)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -456,9 +684,11 @@ class TensorRT(Backend, DeviceResident):
 
 
 __all__ = [
+    "SharedEngine",
     "TensorRT",
     "engine_cache_key",
     "network_flags",
     "refuse_asymmetric_int8",
+    "tensorrt_import_error",
     "timing_cache",
 ]

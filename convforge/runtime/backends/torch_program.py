@@ -28,17 +28,27 @@ Options (:class:`TorchProgram.Options`):
   the ``triton`` package for CUDA); the first run of each batch shape is slow.
 * ``tf32``: CUDA fp32 only (default False). cuDNN runs fp32 convs on TF32 tensor
   cores by default on Ampere and newer GPUs (10-bit mantissa: about 1e-3 relative error
-  here); off, fp32 means fp32. On, the backend reports precision ``tf32``.
+  here); off, fp32 means fp32 (convolutions and matmuls). On, both may use TF32 and the
+  backend reports precision ``tf32``. torch's TF32 switches are process-wide: they are
+  set at load, and every fp32 CUDA instance loaded in a process at the same time must
+  ask the same (another is refused, in one line); the last one closed restores them.
 * ``cuda_graphs``: CUDA only. Replays a captured CUDA graph, which removes the
-  per-kernel launch overhead for small batches. The graph has a fixed batch shape:
-  each new batch shape is captured once (a few warm-up runs, then capture) and kept,
-  with its own static input/output buffers. With ``compile`` it uses
-  ``torch.compile(mode="reduce-overhead")`` (Inductor's CUDA graphs) instead of a
-  manual ``torch.cuda.CUDAGraph``.
+  per-kernel launch overhead for small batches. A graph has a fixed batch size, so
+  batches go in size buckets: a batch of ``n`` rows runs in the graph of the next power
+  of two (1, 2, 4, 8, 16, 32, ...; ``n`` itself for a fixed-batch file), padded, and
+  its ``n`` rows of logits come back. Each bucket is captured on its first batch (a
+  few warm-up runs, then the capture) and kept: at most 7 graphs up to batch 64, and
+  padding at most doubles a batch (``convforge serve`` warms every bucket up to its
+  ``--max-batch-size`` before serving). An instance's graphs share one memory pool and
+  one capture stream; captures are one at a time in the process and in thread-local
+  mode, so work in other threads cannot invalidate them. With ``compile`` it uses
+  ``torch.compile(mode="reduce-overhead")`` (Inductor's CUDA graphs, recorded per
+  thread) on the same buckets instead of a manual ``torch.cuda.CUDAGraph``.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +62,10 @@ from convforge.settings import setting
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
 _WARMUP = 3  # runs on a side stream before a CUDA graph capture
+_LARGEST_BUCKET = 4096  # the batch range `convforge export` gives the program (MAX_BATCH)
+# PyTorch's CUDA graph constraints: "within a process, only one capture may be underway
+# at a time" (CUDA semantics notes, torch 2.6-2.14).
+_CAPTURE = threading.Lock()
 
 
 def native_bf16() -> bool:
@@ -64,6 +78,64 @@ def native_bf16() -> bool:
     # A private helper of torch.cpu (2.2+): there is no public one.
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check and check())
+
+
+class _ProcessTf32:
+    """torch's TF32 switches for CUDA fp32 convolutions and matmuls, held by the fp32 CUDA
+    instances loaded in this process.
+
+    ``torch.backends.cudnn.allow_tf32`` and ``torch.backends.cuda.matmul.allow_tf32`` are
+    process-wide: every thread reads them at each call (and a capture or compile bakes in
+    what it read), so setting them around each run would let one thread's exit switch
+    TF32 back under another's running batch. They are set once, by the first instance to
+    load; the others must ask the same (two models in one process asking differently
+    conflict: refused in one line rather than one of them silently running the other's
+    precision); the last one to close puts back what was there before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.on: bool | None = None  # what the loaded instances set; None: none loaded
+        self._users = 0
+        self._before: tuple[bool, bool] | None = None
+
+    def claim(self, on: bool) -> None:
+        import torch
+
+        with self._lock:
+            if self._users and self.on != on:
+                raise UserError(
+                    f"torch: fp32 CUDA models loaded in this process run with tf32={self.on}, "
+                    f"and TF32 is a process-wide torch setting: one asking tf32={on} cannot run "
+                    "beside them (run it in another process, or ask the same tf32)"
+                )
+            if not self._users:
+                try:
+                    self._before = (
+                        torch.backends.cudnn.allow_tf32,
+                        torch.backends.cuda.matmul.allow_tf32,
+                    )
+                except RuntimeError:  # torch 2.9+: legacy and fp32_precision settings mixed
+                    self._before = None
+                torch.backends.cudnn.allow_tf32 = on
+                torch.backends.cuda.matmul.allow_tf32 = on
+                self.on = on
+            self._users += 1
+
+    def release(self) -> None:
+        import torch
+
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                if self._before is not None:
+                    cudnn, matmul = self._before
+                    torch.backends.cudnn.allow_tf32 = cudnn
+                    torch.backends.cuda.matmul.allow_tf32 = matmul
+                self.on = None
+
+
+TF32 = _ProcessTf32()
 
 
 def program_path(path: str | Path) -> Path:
@@ -87,8 +159,8 @@ class TorchProgram(Backend, DeviceResident):
         dtype: str = setting("fp32", "weights and inputs cast to this", choices=DTYPES)
         channels_last: bool = setting(False, "NHWC memory format")
         compile: bool = setting(False, "torch.compile the program (needs a C++ compiler)")
-        cuda_graphs: bool = setting(False, "replay a CUDA graph per batch shape (CUDA only)")
-        tf32: bool = setting(False, "TF32 convolutions for fp32 on CUDA")
+        cuda_graphs: bool = setting(False, "replay a CUDA graph per batch-size bucket (CUDA only)")
+        tf32: bool = setting(False, "TF32 convolutions and matmuls for fp32 on CUDA")
 
     def __init__(self, path: str, **options) -> None:
         super().__init__(path, **options)
@@ -102,7 +174,10 @@ class TorchProgram(Backend, DeviceResident):
         self._module = None
         self._torch_dtype = None
         self._pixels = None  # (scale, bias) tensors for a uint8-input file, set by load()
-        self._graphs: dict = {}  # batch shape -> (graph, static input, static output)
+        self._graphs: dict = {}  # bucket (batch size) -> (graph, static input, static output)
+        self._pool = None  # this instance's graph memory pool (graph_pool_handle)
+        self._stream = None  # and its capture stream: the same one for every capture
+        self._tf32_claimed = False  # holds TF32 (see _ProcessTf32)
 
     @classmethod
     def reads(cls, path: str) -> list[str]:
@@ -135,6 +210,9 @@ class TorchProgram(Backend, DeviceResident):
         ok, why = self.available(self.device)
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
+        if self.device == "cuda" and self.dtype == "fp32":
+            TF32.claim(self.tf32)  # before anything compiles or runs: they read it
+            self._tf32_claimed = True
         source = Path(self.path)
         if not self.program.is_file() and source.suffix == ".onnx" and source.is_file():
             precision = read_info(source).precision
@@ -174,18 +252,6 @@ class TorchProgram(Backend, DeviceResident):
         tf32 = self.tf32 and self.device == "cuda" and self.dtype == "fp32"
         self.precision = "tf32" if tf32 else self.dtype
         return info.spec
-
-    def _numerics(self):
-        """cuDNN flags for this backend's runs: TF32 only when asked for (see ``tf32``)."""
-        import torch
-
-        cudnn = torch.backends.cudnn
-        return cudnn.flags(
-            enabled=cudnn.enabled,
-            benchmark=cudnn.benchmark,
-            deterministic=cudnn.deterministic,
-            allow_tf32=self.tf32,
-        )
 
     def _pixel_normalization(self, info):
         """(scale, bias) on the device for a uint8-input file whose program is its float twin's."""
@@ -230,35 +296,78 @@ class TorchProgram(Backend, DeviceResident):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode(), self._numerics():
+        with torch.inference_mode():
             return self._forward(self._to_input(batch)).float().cpu().numpy()
 
-    def _replay(self, x):
-        """Run ``x`` through the CUDA graph captured for its shape (capturing it first)."""
+    def bucket(self, n: int) -> int:
+        """The batch size that runs ``n`` rows with ``cuda_graphs``: the next power of two,
+        within the program's batch range; ``n`` itself for a fixed-batch file."""
+        if self.spec is not None and self.spec.batch is not None:
+            return n
+        return max(n, min(1 << (n - 1).bit_length(), _LARGEST_BUCKET))
+
+    def _padded(self, x):
+        """``x`` padded up to its bucket (compiled CUDA graphs: one per bucket) with copies
+        of its last row, the policy of :mod:`convforge.runtime.evaluate`."""
         import torch
 
-        key = tuple(x.shape)
-        if key not in self._graphs:
-            static_in = x.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+        pad = self.bucket(len(x)) - len(x)
+        if not pad:
+            return x
+        copies = x[-1:].expand(pad, *x.shape[1:])
+        memory = torch.channels_last if self.channels_last else torch.contiguous_format
+        return torch.cat([x, copies]).contiguous(memory_format=memory)
+
+    def _capture(self, x, size: int) -> tuple:
+        """(graph, static input, static output) for batches of ``size`` rows, captured with
+        the first batch ``x`` in its input (``size >= len(x)``, the rest zeros)."""
+        import torch
+
+        memory = torch.channels_last if self.channels_last else torch.contiguous_format
+        static_in = torch.empty(
+            (size, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=memory
+        ).zero_()
+        static_in[: len(x)].copy_(x)
+        if self._pool is None:
+            # One pool for all of this instance's graphs (they replay one at a time, each
+            # output copied out before the next replay), with the same capture stream each
+            # time, as torch.cuda.graph asks of captures that share a pool.
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream()
+        with _CAPTURE:
+            # Warm-up on a side stream (cuDNN and cuBLAS set themselves up), as documented.
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
                 for _ in range(_WARMUP):
                     self._module(static_in)
-            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.current_stream().wait_stream(self._stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA calls of other threads (other instances) neither invalidate
+            # this capture nor fail; only this thread's are checked.
+            with torch.cuda.graph(
+                graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"
+            ):
                 static_out = self._module(static_in)
-            self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(x)
+        return graph, static_in, static_out
+
+    def _replay(self, x):
+        """Run ``x`` through the CUDA graph of its bucket (capturing it on first use)."""
+        n, size = len(x), self.bucket(len(x))
+        if size not in self._graphs:
+            self._graphs[size] = self._capture(x, size)
+        graph, static_in, static_out = self._graphs[size]
+        # Rows n.. keep an earlier batch's values: each row's logits depend on that row
+        # only (inference, no batch statistics), and they are sliced off.
+        static_in[:n].copy_(x)
         graph.replay()
-        return static_out.clone()
+        return static_out[:n].clone()  # the next replay overwrites static_out
 
     def _forward(self, x):
-        if self.cuda_graphs and not self.compile:
+        if not self.cuda_graphs:
+            return self._module(x)
+        if not self.compile:
             return self._replay(x)
-        return self._module(x)
+        return self._module(self._padded(x))[: len(x)]
 
     def stage(self, batch: np.ndarray) -> None:
         """Copy ``batch`` to the device once, for :meth:`run_device_resident`."""
@@ -273,7 +382,7 @@ class TorchProgram(Backend, DeviceResident):
 
         if self._staged is None:
             raise RuntimeError(f"{self.name}: call stage(batch) before run_device_resident()")
-        with torch.inference_mode(), self._numerics():
+        with torch.inference_mode():
             y = self._forward(self._staged[0])
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -287,8 +396,12 @@ class TorchProgram(Backend, DeviceResident):
 
     def _close(self) -> None:
         self._graphs.clear()
+        self._pool = self._stream = None
         self._staged = None
         self._module = None
+        if self._tf32_claimed:
+            self._tf32_claimed = False
+            TF32.release()
 
     def describe(self) -> dict:
         return {
@@ -298,6 +411,7 @@ class TorchProgram(Backend, DeviceResident):
             "channels_last": self.channels_last,
             "compile": self.compile,
             "cuda_graphs": self.cuda_graphs,
-            "tf32": self.tf32,
+            "cuda_graph_batches": sorted(self._graphs),  # the buckets captured so far
+            "tf32": self.precision == "tf32",  # what ran (set at load), not what was asked
             "program": str(self.program),
         }

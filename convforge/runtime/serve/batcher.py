@@ -15,8 +15,14 @@ queued): a lone client would only pay the delay, for no company. A request
 of more rows than ``max_batch_size`` is split into full batches.
 ``max_batch_size=1`` turns batching off.
 
-Each runner (a loaded backend instance) is used by one thread at a time, and
-several runners (``--instances``) take batches from the same queue.
+Each runner (a loaded backend instance) runs in a thread of its own, always the
+same one, and several runners (``--instances``) take batches from the same
+queue. A backend whose state is tied to a thread (torch.compile's CUDA-graph
+trees, the CUDA device current in that thread) is loaded in the thread that
+will run it: :func:`runner_thread` makes one, the caller loads and warms the
+instance there, and hands the thread to the batcher with its runner
+(``threads``); the caller keeps it, to close the instance there after
+:meth:`Batcher.stop`, and shuts it down.
 
 Admission is all-or-nothing, by rows: a request is queued whole when fewer
 than ``max_queue`` requests wait and its rows fit in what is left of
@@ -26,8 +32,9 @@ neither half-run nor crowd out the others. A request that waits longer than
 ``timeout_s`` raises :class:`RequestTimeout`; a caller that is cancelled (a
 gRPC client that cancels or whose deadline passes) takes its rows out of the
 queue too. A runner that wants one batch size only (``pad_to``) gets every
-batch padded to it. A worker survives any error of a batch (its callers get
-the error); :attr:`Batcher.alive` says whether every worker still runs.
+batch padded to it (copies of its last row, :mod:`convforge.runtime.evaluate`).
+A worker survives any error of a batch (its callers get the error);
+:attr:`Batcher.alive` says whether every worker still runs.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from convforge.errors import UserError
+from convforge.runtime.evaluate import pad_rows
 from convforge.settings import check_ranges, setting
 
 log = logging.getLogger("convforge.serve")
@@ -123,9 +131,12 @@ class Batcher:
     """One queue, ``len(runners)`` workers; see the module docstring.
 
     ``runners`` are callables ``float32 [n, C, H, W] -> float32 [n, K]``, one per
-    backend instance. ``observe`` (optional) receives ``(event, value)`` pairs
-    for metrics: ``queue_s`` per request, ``compute_s`` and ``batch_rows`` per
-    batch.
+    backend instance. ``threads`` (optional): one :func:`runner_thread` per
+    runner, the one it was loaded in, where its calls then run; they stay the
+    caller's (:meth:`stop` leaves them running). Without them each runner
+    gets a new thread of its own, which :meth:`stop` shuts down.
+    ``observe`` (optional) receives ``(event, value)`` pairs for metrics:
+    ``queue_s`` per request, ``compute_s`` and ``batch_rows`` per batch.
     """
 
     def __init__(
@@ -134,19 +145,20 @@ class Batcher:
         config: BatchingConfig,
         pad_to: int | None = None,
         observe: Callable[[str, float], None] | None = None,
+        threads: list[concurrent.futures.ThreadPoolExecutor] | None = None,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
+        if threads is not None and len(threads) != len(runners):
+            raise ValueError(f"{len(runners)} runners need as many threads, got {len(threads)}")
         self.config = config.check()
         self.runners = runners
         self.pad_to = pad_to
         self.observe = observe or (lambda event, value: None)
         self._queue: asyncio.Queue[_Part] | None = None
         self._workers: list[asyncio.Task] = []
-        self._executors = [
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"convforge-runner-{i}")
-            for i in range(len(runners))
-        ]
+        self._owns_threads = threads is None
+        self._executors = threads or [runner_thread(i) for i in range(len(runners))]
         self._waiting = 0  # admitted requests with a part still queued
         self._waiting_rows = 0  # their rows still queued
         self._in_flight = 0  # admitted requests not yet answered
@@ -221,7 +233,7 @@ class Batcher:
 
     async def stop(self, drain_s: float = 30.0) -> None:
         """Take no new requests, let queued and running ones finish (up to ``drain_s``),
-        then stop the workers and their threads."""
+        then stop the workers, and the threads the batcher made (not those it was given)."""
         self._stopping = True
         deadline = time.monotonic() + drain_s
         while self._in_flight and time.monotonic() < deadline:
@@ -229,8 +241,9 @@ class Batcher:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        for executor in self._executors:
-            executor.shutdown(wait=True)
+        if self._owns_threads:
+            for executor in self._executors:
+                executor.shutdown(wait=True)
 
     # -- the queue's budgets ---------------------------------------------------------------
 
@@ -320,15 +333,18 @@ class Batcher:
             offset += n
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
-        if self.pad_to is None or len(x) == self.pad_to:
-            return x
-        pad = np.zeros((self.pad_to - len(x), *x.shape[1:]), x.dtype)
-        return np.concatenate([x, pad])
+        return x if self.pad_to is None else pad_rows(x, self.pad_to)
 
     def _retry_after(self) -> float:
         """Seconds until the queue has room again, roughly (for the Retry-After header)."""
         batches = self._waiting_rows / max(1, self.config.max_batch_size) / len(self.runners)
         return max(1.0, round(batches * self._mean_batch_s + 0.5))
+
+
+def runner_thread(i: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The thread of runner ``i``: an executor of exactly one thread, so that whatever is
+    submitted to it (load, warm-up, every batch, close) runs in that same thread."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"convforge-runner-{i}")
 
 
 def _retrieve(future: asyncio.Future) -> None:

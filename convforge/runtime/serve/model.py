@@ -3,9 +3,12 @@
 The same class runs under KServe on Kubernetes (its ``ModelServer`` takes
 loaded models and calls ``predict()``); ``convforge serve`` drives it through
 :mod:`.server`. ``load()`` loads ``instances`` backends (``auto`` picks the
-backend with the first, the rest repeat that choice) and warms each one at the
-batch sizes it will run (1 and ``max_batch_size`` rows) before the model says
-it is ready; the batcher starts with the first request, or with ``start()``.
+backend with the first, the rest are its :meth:`~.Backend.sibling`) and warms
+each one at the batch sizes it will run before the model says it is ready;
+the batcher starts with the first request, or with ``start()``. Each instance
+is loaded, warmed, run and closed in one thread of its own, its runner thread:
+torch.compile's CUDA-graph trees work only in the thread that recorded them,
+and the CUDA device a backend selects at load is current in that thread only.
 
 A request's input is checked against the model before it is queued: one
 tensor, named as the model's input, FP32 (or FP16 where the backend takes
@@ -31,7 +34,7 @@ import numpy as np
 
 from convforge.contract import INPUT_NAME, OUTPUT_NAME, read_info
 from convforge.runtime import backends
-from convforge.runtime.serve.batcher import Batcher, BatchingConfig
+from convforge.runtime.serve.batcher import Batcher, BatchingConfig, runner_thread
 from convforge.runtime.serve.kserve_sdk import (
     InferOutput,
     InferRequest,
@@ -66,6 +69,7 @@ class ServedModel(kserve.Model):
         self.batching = (batching or BatchingConfig()).check()
         self.metrics = metrics or ServerMetrics()
         self.backends: list[backends.Backend] = []
+        self._threads: list = []  # backends[i] lives in _threads[i] (see load)
         self.skipped: list[dict] = []  # auto's candidates that could not run the file
         self.num_classes: int | None = None
         self.batcher: Batcher | None = None
@@ -83,27 +87,54 @@ class ServedModel(kserve.Model):
     # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> bool:
-        """Load and warm up the backend instances (slow: engines build here); then ready."""
-        first, self.skipped = backends.load_backend(self.backend_name, self.path, **self.options)
-        self.backends = [first]
-        options = self.options if self.backend_name != "auto" else {}
-        for _ in range(self.batching.instances - 1):
-            self.backends.append(backends.create(first.name, self.path, **options).load())
-        fixed = self.info.spec.batch  # a graph with a fixed batch size runs exactly that many
-        if fixed is not None and self.batching.max_batch_size != fixed:
-            self.batching = dataclasses.replace(self.batching, max_batch_size=fixed)
-        single = first.single_batch_size or fixed is not None
-        pad_to = self.batching.max_batch_size if single else None
-        for backend in self.backends:
-            for n in sorted({pad_to or 1, pad_to or self.batching.max_batch_size}):
-                logits = backend.run(np.zeros(self.info.spec.shape(n), self.info.spec.dtype))
+        """Load and warm up the backend instances (slow: engines build here); then ready.
+
+        Instance ``i`` is loaded and warmed in runner thread ``i``, which then runs its
+        batches: the first by name (or ``auto``'s choice), the others as its
+        :meth:`~.Backend.sibling`. One after another: a warm-up may capture CUDA graphs,
+        and PyTorch allows no other CUDA work in the process during a capture. Returns once
+        every instance is warm; an instance that fails raises its own error here, after the
+        instances already loaded are closed.
+        """
+        threads = [runner_thread(i) for i in range(self.batching.instances)]
+        loaded: list[backends.Backend] = []
+        try:
+            chosen = threads[0].submit(
+                backends.load_backend, self.backend_name, self.path, **self.options
+            )
+            first, self.skipped = chosen.result()
+            loaded.append(first)
+            fixed = self.info.spec.batch  # a graph with a fixed batch size runs exactly that many
+            if fixed is not None and self.batching.max_batch_size != fixed:
+                self.batching = dataclasses.replace(self.batching, max_batch_size=fixed)
+            single = first.single_batch_size or fixed is not None
+            pad_to = self.batching.max_batch_size if single else None
+            sizes = [pad_to] if pad_to else _warm_sizes(self.batching.max_batch_size)
+            logits = threads[0].submit(self._warm, first, sizes).result()
+            for thread in threads[1:]:
+                loaded.append(thread.submit(first.sibling).result())
+                thread.submit(self._warm, loaded[-1], sizes).result()
+        except BaseException:
+            for backend, thread in zip(loaded, threads, strict=False):
+                thread.submit(backend.close).exception()  # waits; the load's error is raised
+            for thread in threads:
+                thread.shutdown(wait=True)
+            raise
+        self.backends, self._threads = loaded, threads
         self.num_classes = int(logits.shape[1])
         self.batcher = Batcher(
-            [b.run for b in self.backends], self.batching, pad_to, self.metrics.observer(self.name)
-        )
+            [b.run for b in self.backends], self.batching, pad_to,
+            self.metrics.observer(self.name), threads,
+        )  # fmt: skip
         self.metrics.track_depth(self.name, lambda: self.batcher.depth)
         self.ready = True
         return True
+
+    def _warm(self, backend: backends.Backend, sizes: list[int]) -> np.ndarray:
+        """Run ``backend`` on zeros of each of ``sizes`` rows; the last logits."""
+        for n in sizes:
+            logits = backend.run(np.zeros(self.info.spec.shape(n), self.info.spec.dtype))
+        return logits
 
     async def start(self) -> None:
         """Start the batcher's workers (in the serving event loop)."""
@@ -115,8 +146,11 @@ class ServedModel(kserve.Model):
         self.ready = False
         if self.batcher is not None:
             await self.batcher.stop(drain_s)
-        for backend in self.backends:
-            backend.close()
+        loop = asyncio.get_running_loop()
+        for backend, thread in zip(self.backends, self._threads, strict=True):
+            await loop.run_in_executor(thread, backend.close)  # where it was loaded and ran
+        for thread in self._threads:
+            thread.shutdown(wait=True)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -217,6 +251,14 @@ class ServedModel(kserve.Model):
                 f"{tensor.datatype} ({str(e).splitlines()[0]})"
             ) from None
         return np.ascontiguousarray(rows)
+
+
+def _warm_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes an instance is warmed at: 1, 2, 4, ... below ``max_batch_size``, and
+    ``max_batch_size``: every size bucket of a backend that prepares per bucket (the torch
+    backend's CUDA graphs pad to powers of two), so none is first met while serving."""
+    sizes = [1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size]
+    return [*sizes, max_batch_size]
 
 
 def _check_pixels(data: list) -> None:

@@ -303,3 +303,26 @@ def test_a_worker_survives_an_error_outside_the_backend():
 
     alive, out, after = _run(main())
     assert alive and out[0, 0] == 7 and not after
+
+
+def test_a_runner_runs_in_the_thread_it_was_loaded_in_which_stays_its_owners():
+    """Given the runner thread its instance was loaded in, every batch runs there; stop()
+    leaves that thread to its owner (who closes the instance there, then shuts it down)."""
+    from convforge.runtime.serve.batcher import runner_thread
+
+    thread = runner_thread(0)
+    runner = thread.submit(Recorder).result()  # "loaded" in its thread
+    loaded_in = thread.submit(threading.get_ident).result()
+
+    async def main():
+        batcher = Batcher([runner], BatchingConfig(max_batch_size=2), threads=[thread])
+        await batcher.start()
+        await asyncio.gather(*(batcher.infer(_rows(1, i)) for i in range(5)))
+        await batcher.stop()
+
+    _run(main())
+    assert runner.threads == {loaded_in}
+    assert thread.submit(threading.get_ident).result() == loaded_in  # still running
+    thread.shutdown(wait=True)
+    with pytest.raises(ValueError, match="2 runners need as many threads"):
+        Batcher([runner, runner], BatchingConfig(), threads=[thread])
