@@ -1,8 +1,8 @@
 """``convforge finetune``: pretrained weights + new data -> a trained run.
 
 Loads the pretrained model, adapts head and input channels to the dataset,
-picks a plan (``--strategy auto`` applies :func:`transfer.decide` after two
-linear probes), and hands model and plan to the trainer.
+picks a fine-tuning schedule (``--strategy auto`` applies :func:`transfer.decide`
+after two linear probes), and hands model and schedule to the trainer.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def finetune(
     bundle = load_data(cfg)
     model, model_cfg = transfer.adapt(model, pre_cfg, len(bundle.classes), bundle.channels)
     if opts.strategy == "auto":
-        plan = _auto_plan(model, model_cfg, cfg, bundle, opts, log)
+        schedule = _auto_schedule(model, model_cfg, cfg, bundle, opts, log)
     else:
-        plan = transfer.make_plan(
+        schedule = transfer.make_schedule(
             model,
             opts.strategy,
             opts.freeze_until,
@@ -61,16 +61,22 @@ def finetune(
             reason=f"--strategy {opts.strategy}",
         )
     log(
-        f"transfer: {plan.strategy}, frozen: {', '.join(plan.frozen) or 'nothing'}, "
-        f"backbone LR x {plan.backbone_lr_mult} ({plan.reason})"
+        f"transfer: {schedule.strategy}, frozen: {', '.join(schedule.frozen) or 'nothing'}, "
+        f"backbone LR x {schedule.backbone_lr_mult} ({schedule.reason})"
     )
     extra = {"pretrained": str(Path(opts.pretrained))}
     return train(
-        model_cfg, cfg, plan=plan, model=model, bundle=bundle, extra=extra, progress=progress
+        model_cfg,
+        cfg,
+        schedule=schedule,
+        model=model,
+        bundle=bundle,
+        extra=extra,
+        progress=progress,
     )
 
 
-def _auto_plan(model, model_cfg, cfg, bundle, opts, log) -> transfer.TransferPlan:
+def _auto_schedule(model, model_cfg, cfg, bundle, opts, log) -> transfer.TransferSchedule:
     """Probe pretrained vs random features, then apply the lecture's table."""
     stats = data_config(cfg, bundle)
     tf = augment.eval_transform(cfg.input_size, stats["mean"], stats["std"], bundle.native_size)
@@ -83,7 +89,7 @@ def _auto_plan(model, model_cfg, cfg, bundle, opts, log) -> transfer.TransferPla
     names = list(transfer.stages(model))
     d = transfer.decide(len(bundle.train), len(bundle.classes), probe_pre, probe_rand, names)
     log(f"strategy auto chose: {d.row}\n  because {d.reason}")
-    return transfer.make_plan(
+    return transfer.make_schedule(
         model,
         d.strategy,
         d.freeze_until,

@@ -6,7 +6,10 @@
 * :func:`adapt`: a new head for the new class count (torchvision's own
   reference script fails here) and, if needed, a first conv adapted to the
   new channel count (RGB weights summed for grayscale).
-* :class:`TransferPlan`: which stages are frozen in which epoch and their
+* :class:`FinetuneSchedule`: what the trainer asks of a run's schedule of
+  frozen stages and learning-rate multipliers; :class:`FromScratch` is the
+  schedule of a run that starts from random weights.
+* :class:`TransferSchedule`: which stages are frozen in which epoch and their
   learning-rate multiplier; frozen BatchNorm layers stay in eval mode so
   their running statistics are not touched.
 * :func:`decide`: the lecture's rule of thumb (``--strategy auto``).
@@ -22,6 +25,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -69,16 +73,45 @@ def _in(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(p) or f"{name}." in prefixes for p in prefixes)
 
 
+class FinetuneSchedule(Protocol):
+    """What fine-tuning changes in the trainer's loop: which stages train when, and how fast."""
+
+    def lr_mult(self, name: str) -> float: ...
+    def frozen_in(self, epoch: int) -> frozenset: ...  # names of the stages frozen in epoch
+    def apply(self, model: nn.Module, epoch: int) -> bool: ...  # freeze for epoch; True if changed
+    def train_mode(self, model: nn.Module) -> None: ...
+    def as_dict(self) -> dict: ...
+
+
+class FromScratch:
+    """Every parameter trains from the first epoch at the base learning rate."""
+
+    def lr_mult(self, name: str) -> float:
+        return 1.0
+
+    def frozen_in(self, epoch: int) -> frozenset:
+        return frozenset()
+
+    def apply(self, model: nn.Module, epoch: int) -> bool:
+        return False
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def as_dict(self) -> dict:
+        return {"strategy": "scratch"}
+
+
 @dataclass
-class TransferPlan:
-    """Which stages train when, and how fast (the trainer's Plan)."""
+class TransferSchedule:
+    """Which stages train when, and how fast (a :class:`FinetuneSchedule`)."""
 
     strategy: str  # feature-extract or finetune
     stage_prefixes: dict[str, list[str]]  # from stages(model)
     frozen: list[str]  # stages frozen from the first epoch
     backbone_lr_mult: float = 0.1  # LR multiplier of every trainable stage but the head
     unfreeze_at: int = 0  # 1-based epoch from which the frozen stages train too; 0 = never
-    reason: str = ""  # why this plan (printed, stored in checkpoints)
+    reason: str = ""  # why this schedule (printed, stored in checkpoints)
     _current: frozenset = field(default=frozenset(), repr=False)
 
     def frozen_in(self, epoch: int) -> frozenset:
@@ -116,14 +149,14 @@ class TransferPlan:
         }
 
 
-def make_plan(
+def make_schedule(
     model: nn.Module,
     strategy: str,
     freeze_until: str | None = None,
     backbone_lr_mult: float = 0.1,
     unfreeze_at: int = 0,
     reason: str = "",
-) -> TransferPlan:
+) -> TransferSchedule:
     """``feature-extract``: all but the head frozen. ``finetune``: stages up to and
     including ``freeze_until`` frozen (none if None), the rest at ``backbone_lr_mult``."""
     check_choice("strategy", strategy, STRATEGIES[1:])
@@ -138,14 +171,15 @@ def make_plan(
         frozen = order[: order.index(freeze_until) + 1]
     if backbone_lr_mult < 0 or unfreeze_at < 0:
         raise UserError("--backbone-lr-mult and --unfreeze-at must be >= 0")
-    return TransferPlan(strategy, named, frozen, backbone_lr_mult, unfreeze_at, reason)
+    return TransferSchedule(strategy, named, frozen, backbone_lr_mult, unfreeze_at, reason)
 
 
-def plan_from_record(model: nn.Module, record: dict | None) -> TransferPlan | None:
-    """The plan a checkpoint was trained with (its ``transfer`` entry); None if from scratch."""
+def schedule_from_record(model: nn.Module, record: dict | None) -> TransferSchedule | None:
+    """The schedule a checkpoint was trained with (its ``transfer`` entry); None if from
+    scratch."""
     if not record or record.get("strategy") in (None, "scratch"):
         return None
-    return TransferPlan(
+    return TransferSchedule(
         record["strategy"],
         stages(model),
         list(record["frozen"]),

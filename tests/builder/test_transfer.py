@@ -7,8 +7,8 @@ from convforge.builder.transfer import (
     adapt,
     decide,
     load_pretrained,
-    make_plan,
-    plan_from_record,
+    make_schedule,
+    schedule_from_record,
     stages,
 )
 from convforge.errors import UserError
@@ -50,9 +50,9 @@ def test_bare_state_dict_needs_the_architecture(tmp_path):
         load_pretrained(_tv_file(tmp_path))
 
 
-def _step(model, plan, epoch=0):
-    plan.apply(model, epoch)
-    plan.train_mode(model)
+def _step(model, schedule, epoch=0):
+    schedule.apply(model, epoch)
+    schedule.train_mode(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     loss = model(torch.randn(8, 3, 32, 32)).square().mean()
     loss.backward()
@@ -74,9 +74,9 @@ def _changed(before, model, prefix):
 
 def test_feature_extraction_freezes_weights_and_bn_statistics():
     model = create_model("resnet18", num_classes=4, stem="small", base_width=8)
-    plan = make_plan(model, "feature-extract")
+    schedule = make_schedule(model, "feature-extract")
     before = _snapshot(model)
-    _step(model, plan)
+    _step(model, schedule)
     for prefix in ("conv1.", "bn1.", "layer1.", "layer4."):
         assert not _changed(before, model, prefix), prefix  # incl. BN running_mean/var
     assert _changed(before, model, "fc.")
@@ -84,31 +84,31 @@ def test_feature_extraction_freezes_weights_and_bn_statistics():
 
 def test_finetune_freezes_up_to_a_stage_and_unfreezes_later():
     model = create_model("resnet18", num_classes=4, stem="small", base_width=8)
-    plan = make_plan(model, "finetune", freeze_until="layer2", unfreeze_at=3)
-    assert plan.frozen == ["stem", "layer1", "layer2"]
-    assert plan.lr_mult("fc.weight") == 1.0 and plan.lr_mult("layer3.0.conv1.weight") == 0.1
+    schedule = make_schedule(model, "finetune", freeze_until="layer2", unfreeze_at=3)
+    assert schedule.frozen == ["stem", "layer1", "layer2"]
+    assert schedule.lr_mult("fc.weight") == 1.0 and schedule.lr_mult("layer3.0.conv1.weight") == 0.1
     before = _snapshot(model)
-    _step(model, plan, epoch=0)
+    _step(model, schedule, epoch=0)
     assert not _changed(before, model, "layer2.") and _changed(before, model, "layer3.")
     before = _snapshot(model)
-    _step(model, plan, epoch=2)  # the 3rd epoch: everything trains
+    _step(model, schedule, epoch=2)  # the 3rd epoch: everything trains
     assert _changed(before, model, "layer1.") and _changed(before, model, "conv1.")
 
 
-def test_plan_round_trips_through_its_record():
+def test_schedule_round_trips_through_its_record():
     model = create_model("resnet18", num_classes=4, stem="small", base_width=8)
-    plan = make_plan(model, "finetune", freeze_until="layer1", backbone_lr_mult=0.2)
-    again = plan_from_record(model, plan.as_dict())
-    assert again.frozen == plan.frozen and again.backbone_lr_mult == 0.2
-    assert plan_from_record(model, {"strategy": "scratch"}) is None
+    schedule = make_schedule(model, "finetune", freeze_until="layer1", backbone_lr_mult=0.2)
+    again = schedule_from_record(model, schedule.as_dict())
+    assert again.frozen == schedule.frozen and again.backbone_lr_mult == 0.2
+    assert schedule_from_record(model, {"strategy": "scratch"}) is None
 
 
 def test_bad_stage_and_strategy():
     model = create_model("resnet18", num_classes=4, stem="small", base_width=8)
     with pytest.raises(UserError, match="unknown stage for --freeze-until 'layer9'"):
-        make_plan(model, "finetune", freeze_until="layer9")
+        make_schedule(model, "finetune", freeze_until="layer9")
     with pytest.raises(UserError, match="unknown strategy 'freeze'"):
-        make_plan(model, "freeze")
+        make_schedule(model, "freeze")
 
 
 STAGES = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]

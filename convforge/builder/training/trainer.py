@@ -4,82 +4,54 @@ One epoch = shuffle (seeded by seed and epoch), augment, forward, loss,
 backward, optimizer and schedule step per batch; then evaluate on the
 validation split (and the EMA weights when on), record, checkpoint.
 
-Exact resume: every source of randomness is re-seeded from ``(seed, epoch)``
-at the start of each epoch, and ``last.pt`` (written at the end of every
-epoch) holds weights, optimizer, scheduler, scaler and EMA state. So a run
-stopped after epoch k and resumed ends with the same weights as one that
-never stopped (on CPU; GPU kernels may be nondeterministic unless
-``deterministic`` is on). Ctrl-C loses at most the epoch in progress.
+A run resumed from its ``last.pt`` ends with the same weights as one that
+never stopped (:mod:`.state` says how, and what the files hold). Ctrl-C
+loses at most the epoch in progress.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
 import torch
-import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from convforge import __version__
-from convforge.builder.checkpoint import load_checkpoint, save_checkpoint
+from convforge.builder.checkpoint import load_checkpoint
 from convforge.builder.data import augment
-from convforge.builder.data.augment import AugmentConfig
 from convforge.builder.data.images import channel_stats
 from convforge.builder.data.sources import DataBundle, load_dataset
 from convforge.builder.registry import ModelConfig, build_model
 from convforge.builder.training import distributed, monitor
 from convforge.builder.training.config import TrainConfig
+from convforge.builder.training.distributed import World
 from convforge.builder.training.optim import make_optimizer, make_scheduler, param_groups
-from convforge.builder.transfer import plan_from_record
+from convforge.builder.training.state import (
+    Learner,
+    RunSpec,
+    RunState,
+    configs_from,
+    restore,
+    save,
+    seed_everything,
+    write_config,
+)
+from convforge.builder.transfer import FinetuneSchedule, FromScratch, schedule_from_record
 from convforge.errors import UserError
-from convforge.files import ensure_dir, write_text
+from convforge.files import ensure_dir
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class Plan(Protocol):
-    """What fine-tuning changes in the loop (see convforge.builder.transfer)."""
-
-    def lr_mult(self, name: str) -> float: ...
-    def frozen_in(self, epoch: int) -> frozenset: ...  # names of the stages frozen in epoch
-    def apply(self, model: nn.Module, epoch: int) -> bool: ...  # freeze for epoch; True if changed
-    def train_mode(self, model: nn.Module) -> None: ...
-    def as_dict(self) -> dict: ...
-
-
-class FromScratch:
-    """Every parameter trains from the first epoch at the base learning rate."""
-
-    def lr_mult(self, name: str) -> float:
-        return 1.0
-
-    def frozen_in(self, epoch: int) -> frozenset:
-        return frozenset()
-
-    def apply(self, model: nn.Module, epoch: int) -> bool:
-        return False
-
-    def train_mode(self, model: nn.Module) -> None:
-        model.train()
-
-    def as_dict(self) -> dict:
-        return {"strategy": "scratch"}
 
 
 @dataclass
@@ -120,7 +92,7 @@ def train(
     cfg: TrainConfig,
     *,
     resume: str | Path | None = None,
-    plan: Plan | None = None,
+    schedule: FinetuneSchedule | None = None,
     model: nn.Module | None = None,
     bundle: DataBundle | None = None,
     extra: dict | None = None,
@@ -131,73 +103,83 @@ def train(
     ``model_cfg.num_classes`` and ``in_channels`` are taken from the data
     unless ``model`` is given (fine-tuning builds its own). ``resume`` names a
     ``last.pt``: the run continues from it with the configuration stored
-    there. ``extra`` is stored in every checkpoint (fine-tuning's source).
+    there. ``schedule`` says which stages train when (default: all, always;
+    a resumed run's: the one it was trained with). ``extra`` is stored in
+    every checkpoint (fine-tuning's source). ``progress``: log each epoch and
+    show a progress bar.
     """
-    state = load_checkpoint(resume) if resume else None
-    if state is not None:
-        model_cfg, cfg = _configs_from(state)
+    checkpoint = load_checkpoint(resume) if resume else None
+    if checkpoint is not None:
+        model_cfg, cfg = configs_from(checkpoint)
     world = distributed.setup(cfg.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        run = _Run(world, model_cfg, cfg, resume, state, plan, model, bundle, extra, progress)
-        return run.fit()
+        started = time.perf_counter()
+        if checkpoint is not None:
+            out = Path(resume).parent  # the run's folder, wherever it has moved
+        else:
+            cfg = cfg.resolved()
+            out = Path(cfg.out)
+        if world.is_main:
+            ensure_dir(out)
+        bundle = bundle or load_data(cfg, channels=None if model is None else model_cfg.in_channels)
+        data_cfg = data_config(cfg, bundle) if checkpoint is None else checkpoint["data_config"]
+        if model is None:
+            model_cfg = dataclasses.replace(
+                model_cfg, num_classes=len(bundle.classes), in_channels=bundle.channels
+            )
+            torch.manual_seed(cfg.seed)
+            model = build_model(model_cfg)
+        if checkpoint is not None and schedule is None:
+            schedule = schedule_from_record(model, checkpoint.get("transfer"))
+        model_cfg = model_cfg.resolved()
+        if model_cfg.in_channels != bundle.channels:
+            raise UserError(
+                f"the model takes {model_cfg.in_channels}-channel images but the dataset has "
+                f"{bundle.channels}"
+            )
+        aug = cfg.augment.resolved(flip_safe=bundle.flip_safe)
+        cfg = dataclasses.replace(cfg, augment=aug)  # recorded as it ran
+        spec = RunSpec(
+            out, model_cfg, cfg, bundle, data_cfg, schedule or FromScratch(), extra or {}
+        )
+        return _Run(world, spec, model, checkpoint, progress).fit(started)
     finally:
         torch.use_deterministic_algorithms(deterministic)  # leave the process as it was
         distributed.teardown()
 
 
 class _Run:
-    def __init__(self, world, model_cfg, cfg, resume, state, plan, model, bundle, extra, progress):
-        self.world = world
-        self.progress = progress
-        self.started = time.perf_counter()
-        self.state = state
-        if state is not None:
-            self.out = Path(resume).parent  # the run's folder, wherever it has moved
-        else:
-            cfg = cfg.resolved()
-            self.out = Path(cfg.out)
-        self.cfg = cfg
-        self.plan = plan or FromScratch()
-        self.extra = extra or {}
-        if world.is_main:
-            ensure_dir(self.out)
+    """The epoch loop of one :func:`train` call, over a run prepared as ``spec``.
 
-        self.bundle = bundle or load_data(
-            cfg, channels=None if model is None else model_cfg.in_channels
-        )
-        if self.state is not None:
-            self.data_cfg = self.state["data_config"]
-        else:
-            self.data_cfg = data_config(cfg, self.bundle)
-        if model is None:
-            model_cfg = dataclasses.replace(
-                model_cfg, num_classes=len(self.bundle.classes), in_channels=self.bundle.channels
-            )
-            torch.manual_seed(cfg.seed)
-            model = build_model(model_cfg)
-        if self.state is not None and plan is None:
-            self.plan = plan_from_record(model, self.state.get("transfer")) or FromScratch()
-        self.model_cfg = model_cfg.resolved()
-        if self.model_cfg.in_channels != self.bundle.channels:
-            raise UserError(
-                f"the model takes {self.model_cfg.in_channels}-channel images but the dataset has "
-                f"{self.bundle.channels}"
-            )
-        self.aug = cfg.augment.resolved(flip_safe=self.bundle.flip_safe)
-        self.cfg = dataclasses.replace(cfg, augment=self.aug)  # recorded as it ran
-        self._setup_model(model)
+    ``model`` is the network to train (moved to the device here);
+    ``checkpoint`` a ``last.pt`` to continue from, or None.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        spec: RunSpec,
+        model: nn.Module,
+        checkpoint: dict | None,
+        progress: bool,
+    ):
+        self.world, self.spec, self.progress = world, spec, progress
+        net, ema, scaler = self._setup_model(model)
         self._setup_data()
-        self._setup_optimization()
-        self.history: list[dict] = []
-        self.best_acc, self.best_epoch, self.start_epoch = -1.0, 0, 0
-        if self.state is not None:
-            self._restore(self.state)
+        groups = param_groups(net, spec.cfg.weight_decay, spec.schedule.lr_mult)
+        optimizer = make_optimizer(spec.cfg, groups)
+        scheduler = make_scheduler(spec.cfg, optimizer, len(self.train_loader))
+        self.learner = Learner(net, optimizer, scheduler, scaler, ema)
+        self.state = RunState() if checkpoint is None else restore(checkpoint, self.learner)
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _setup_model(self, model: nn.Module) -> None:
-        cfg, dev = self.cfg, self.world.device
+    def _setup_model(
+        self, model: nn.Module
+    ) -> tuple[nn.Module, AveragedModel | None, torch.amp.GradScaler | None]:
+        """Device, memory format, numerics and losses; returns ``(net, ema, scaler)``."""
+        cfg, dev = self.spec.cfg, self.world.device
         if cfg.deterministic:
             # cuBLAS needs a fixed workspace to be deterministic (set before CUDA starts to be
             # sure); ops with no deterministic kernel warn rather than stop the run.
@@ -205,24 +187,25 @@ class _Run:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.net = model.to(dev, memory_format=self.memory_format)
-        self.ema = None
+        net = model.to(dev, memory_format=self.memory_format)
+        ema = None
         if cfg.ema_decay > 0:
-            self.ema = AveragedModel(
-                self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+            ema = AveragedModel(
+                net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
             )
         self.amp_dtype = _amp_dtype(cfg.amp, dev)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
         self.ddp = None
+        return net, ema, scaler
 
     def _setup_data(self) -> None:
-        cfg, world, d = self.cfg, self.world, self.data_cfg
-        native = self.bundle.native_size
-        train_tf = augment.train_transform(self.aug, cfg.input_size, d["mean"], d["std"], native)
+        cfg, world, d, bundle = self.spec.cfg, self.world, self.spec.data_cfg, self.spec.bundle
+        native = bundle.native_size
+        train_tf = augment.train_transform(cfg.augment, cfg.input_size, d["mean"], d["std"], native)
         eval_tf = augment.eval_transform(cfg.input_size, d["mean"], d["std"], native)
-        train_set = self.bundle.train.with_transform(train_tf)
+        train_set = bundle.train.with_transform(train_tf)
         if len(train_set) < cfg.batch_size * world.size:
             raise UserError(
                 f"the training split has {len(train_set)} images, fewer than one batch "
@@ -247,105 +230,88 @@ class _Run:
             generator=self.generator,
         )
         # Validation: each process takes every size-th image (no padding), sums are reduced.
-        val = self.bundle.val.subset(range(world.rank, len(self.bundle.val), world.size))
+        val = bundle.val.subset(range(world.rank, len(bundle.val), world.size))
         self.val_loader = DataLoader(
             val.with_transform(eval_tf),
             batch_size=2 * cfg.batch_size,
             num_workers=cfg.workers,
             pin_memory=pin,
         )
-        self.mixer = augment.batch_mix(self.aug, len(self.bundle.classes))
-
-    def _setup_optimization(self) -> None:
-        groups = param_groups(self.net, self.cfg.weight_decay, self.plan.lr_mult)
-        self.optimizer = make_optimizer(self.cfg, groups)
-        self.steps_per_epoch = len(self.train_loader)
-        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
-
-    def _restore(self, state: dict) -> None:
-        self.net.load_state_dict(state["model_state"])
-        self.optimizer.load_state_dict(state["optimizer_state"])
-        self.scheduler.load_state_dict(state["scheduler_state"])
-        if self.scaler is not None and state.get("scaler_state"):
-            self.scaler.load_state_dict(state["scaler_state"])
-        if self.ema is not None and state.get("ema_state"):
-            self.ema.load_state_dict(state["ema_state"])
-        self.history = list(state.get("history", []))
-        self.best_acc = state["metrics"]["best_val_acc"]
-        self.best_epoch = state["metrics"]["best_epoch"]
-        self.start_epoch = state["epoch"]
-        _set_rng_state(state["rng_state"])
+        self.mixer = augment.batch_mix(cfg.augment, len(bundle.classes))
 
     # -- the loop --------------------------------------------------------------------------
 
-    def fit(self) -> TrainResult:
-        cfg, world = self.cfg, self.world
+    def fit(self, started: float) -> TrainResult:
+        """Train the epochs not done yet; ``started``: ``time.perf_counter()`` at the start
+        of this :func:`train` call (for :attr:`TrainResult.seconds`)."""
+        cfg, world, spec, state = self.spec.cfg, self.world, self.spec, self.state
         if world.is_main:
-            self._write_config()
+            write_config(spec, world)
             self._log(
-                f"{self.bundle.description}; training {self.model_cfg.arch} on "
+                f"{spec.bundle.description}; training {spec.model_cfg.arch} on "
                 f"{world.device}{f' x {world.size} processes' if world.size > 1 else ''}, "
-                f"out {self.out}"
+                f"out {spec.out}"
             )
-            if self.bundle.skipped:
+            if spec.bundle.skipped:
                 self._log(
-                    f"warning: skipped {len(self.bundle.skipped)} unreadable image(s), "
-                    f"e.g. {self.bundle.skipped[0]}"
+                    f"warning: skipped {len(spec.bundle.skipped)} unreadable image(s), "
+                    f"e.g. {spec.bundle.skipped[0]}"
                 )
-        if self.start_epoch >= cfg.epochs:
-            self._log(f"{self.out}: all {cfg.epochs} epochs are already done")
+        if state.start_epoch >= cfg.epochs:
+            self._log(f"{spec.out}: all {cfg.epochs} epochs are already done")
         stopped_early = False
-        epoch = self.start_epoch
+        epoch = state.start_epoch
         try:
-            for epoch in range(self.start_epoch, cfg.epochs):
+            for epoch in range(state.start_epoch, cfg.epochs):
                 self._epoch(epoch)
                 if self._stop_early(epoch):
                     stopped_early = True
                     self._log(
                         f"early stop: no better val accuracy for {cfg.patience} epochs "
-                        f"(best {self.best_acc:.2%} at epoch {self.best_epoch})"
+                        f"(best {state.best_acc:.2%} at epoch {state.best_epoch})"
                     )
                     break
         except KeyboardInterrupt:
             done = epoch  # epochs fully completed and saved
             self._log(
-                f"\ninterrupted during epoch {epoch + 1}: {self.out / 'last.pt'} holds "
-                f"epoch {done}; continue with --resume {self.out / 'last.pt'}"
+                f"\ninterrupted during epoch {epoch + 1}: {spec.out / 'last.pt'} holds "
+                f"epoch {done}; continue with --resume {spec.out / 'last.pt'}"
             )
             raise
         return TrainResult(
-            self.out,
-            max(self.best_acc, 0.0),
-            self.best_epoch,
-            len(self.history),
+            spec.out,
+            max(state.best_acc, 0.0),
+            state.best_epoch,
+            len(state.history),
             stopped_early,
-            time.perf_counter() - self.started,
-            self.history,
+            time.perf_counter() - started,
+            state.history,
         )
 
     def _epoch(self, epoch: int) -> None:
-        cfg = self.cfg
-        _seed_everything(cfg.seed, epoch)
+        """Train, evaluate, record and save the 0-based ``epoch``."""
+        cfg, learner, schedule = self.spec.cfg, self.learner, self.spec.schedule
+        seed_everything(cfg.seed, epoch)
         self.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
-        changed = self.plan.apply(self.net, epoch)
+        changed = schedule.apply(learner.net, epoch)
         if changed and epoch > 0:
-            frozen = sorted(self.plan.frozen_in(epoch))
+            frozen = sorted(schedule.frozen_in(epoch))
             self._log(
                 f"epoch {epoch + 1}: trainable stages change; frozen now: "
                 f"{', '.join(frozen) or 'nothing'}"
             )
         if changed or self.ddp is None:
             self._wrap()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = learner.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         train_loss, train_acc, seen = self._train_epoch(epoch)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc = self._evaluate(self.net)
+        val_loss, val_acc = self._evaluate(learner.net)
         ema_loss = ema_acc = None
-        if self.ema is not None:
-            ema_loss, ema_acc = self._evaluate(self.ema.module)
+        if learner.ema is not None:
+            ema_loss, ema_acc = self._evaluate(learner.ema.module)
         row = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -358,14 +324,11 @@ class _Run:
             "seconds": round(time.perf_counter() - t0, 3),
             "images_per_s": round(seen / train_seconds, 1),
         }
-        self.history.append(row)
-        improved = val_acc > self.best_acc
-        if improved:
-            self.best_acc, self.best_epoch = val_acc, epoch + 1
+        improved = self.state.record(row)
         if self.world.is_main:
-            self._save(epoch + 1, improved)
-            self._log(_summary(row, cfg.epochs, self.best_acc))
-            if monitor.overfitting(self.history, cfg.overfit_window):
+            save(self.spec, learner, self.state, epoch + 1, improved)
+            self._log(_summary(row, cfg.epochs, self.state.best_acc))
+            if monitor.overfitting(self.state.history, cfg.overfit_window):
                 self._log(
                     f"warning: possible overfitting: val loss rose and train loss fell for "
                     f"{cfg.overfit_window} epochs (consider stronger augmentation, more "
@@ -376,14 +339,14 @@ class _Run:
     def _wrap(self) -> None:
         """(Re)wrap in DDP: it must be rebuilt whenever the set of trainable parameters changes."""
         if self.world.size == 1:
-            self.ddp = self.net
+            self.ddp = self.learner.net
             return
         ids = [self.world.device.index] if self.world.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.net, device_ids=ids)
+        self.ddp = DistributedDataParallel(self.learner.net, device_ids=ids)
 
     def _train_epoch(self, epoch: int) -> tuple[float, float, int]:
-        cfg, dev, world = self.cfg, self.world.device, self.world
-        self.plan.train_mode(self.net)
+        cfg, dev, world, learner = self.spec.cfg, self.world.device, self.world, self.learner
+        self.spec.schedule.train_mode(learner.net)
         loss_sum = correct = seen = 0.0
         bar = tqdm(
             self.train_loader,
@@ -393,7 +356,7 @@ class _Run:
             disable=not (self.progress and world.is_main) or None,
             file=sys.stderr,
         )
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        trainable = [p for p in learner.net.parameters() if p.requires_grad]
         for step, (images, labels) in enumerate(bar):
             images = images.to(dev, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(dev, non_blocking=True)
@@ -406,25 +369,26 @@ class _Run:
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); {self.out / 'last.pt'} "
+                    f"(lr {learner.optimizer.param_groups[0]['lr']:.3g}); "
+                    f"{self.spec.out / 'last.pt'} "
                     f"keeps the last good epoch ({epoch}). Lower --lr, or set --clip-grad-norm"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
+            learner.optimizer.zero_grad(set_to_none=True)
+            if learner.scaler is not None:
+                learner.scaler.scale(loss).backward()
+                learner.scaler.unscale_(learner.optimizer)
             else:
                 loss.backward()
             if cfg.clip_grad_norm > 0:
                 nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            if learner.scaler is not None:
+                learner.scaler.step(learner.optimizer)
+                learner.scaler.update()
             else:
-                self.optimizer.step()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.net)
+                learner.optimizer.step()
+            learner.scheduler.step()
+            if learner.ema is not None:
+                learner.ema.update_parameters(learner.net)
             n = labels.shape[0]
             hard = targets.argmax(1) if targets.ndim == 2 else targets
             loss_sum += loss.item() * n
@@ -458,51 +422,8 @@ class _Run:
         return torch.autocast(self.world.device.type, dtype=self.amp_dtype)
 
     def _stop_early(self, epoch: int) -> bool:
-        return self.cfg.patience > 0 and (epoch + 1) - self.best_epoch >= self.cfg.patience
-
-    # -- files -----------------------------------------------------------------------------
-
-    def _payload(self, epoch: int) -> dict:
-        last = self.history[-1]
-        return {
-            "model_state": self.net.state_dict(),
-            "model_config": dataclasses.asdict(self.model_cfg),
-            "data_config": self.data_cfg,
-            "train_config": dataclasses.asdict(self.cfg),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
-            "scaler_state": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema_state": self.ema.state_dict() if self.ema is not None else None,
-            "epoch": epoch,
-            "metrics": {**last, "best_val_acc": self.best_acc, "best_epoch": self.best_epoch},
-            "history": self.history,
-            "rng_state": _rng_state(),
-            "transfer": self.plan.as_dict(),
-            "versions": _versions(),
-            **self.extra,
-        }
-
-    def _save(self, epoch: int, improved: bool) -> None:
-        payload = self._payload(epoch)
-        save_checkpoint(self.out / "last.pt", payload)
-        if improved:
-            save_checkpoint(self.out / "best.pt", payload)
-        monitor.write_metrics_csv(self.out / "metrics.csv", self.history)
-        monitor.plot_curves(
-            self.out / "curves.png", self.history, f"{self.model_cfg.arch} on {self.cfg.dataset}"
-        )
-
-    def _write_config(self) -> None:
-        record = {
-            "model": dataclasses.asdict(self.model_cfg),
-            "train": dataclasses.asdict(self.cfg),
-            "data": self.data_cfg,
-            "transfer": self.plan.as_dict(),
-            "versions": _versions(),
-            "world_size": self.world.size,
-            "device": str(self.world.device),
-        }
-        write_text(self.out / "config.json", json.dumps(record, indent=2) + "\n")
+        patience = self.spec.cfg.patience
+        return patience > 0 and (epoch + 1) - self.state.best_epoch >= patience
 
     def _log(self, message: str) -> None:
         if self.world.is_main and self.progress:
@@ -519,13 +440,6 @@ def _summary(row: dict, epochs: int, best: float) -> str:
     )
 
 
-def _configs_from(state: dict) -> tuple[ModelConfig, TrainConfig]:
-    """The configurations a checkpoint was trained with."""
-    train = dict(state["train_config"])
-    train["augment"] = AugmentConfig(**train["augment"])
-    return ModelConfig(**state["model_config"]), TrainConfig(**train)
-
-
 def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "off":
         return None
@@ -534,40 +448,3 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; on CPU use --amp bf16")
     return torch.float16 if mode == "fp16" else torch.bfloat16
-
-
-def _seed_everything(seed: int, epoch: int) -> None:
-    s = seed * 1_000_003 + epoch
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
-def _rng_state() -> dict:
-    """Every RNG's state as tensors and plain values (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _versions() -> dict:
-    return {
-        "convforge": __version__,
-        "torch": str(torch.__version__),  # a TorchVersion object, which weights_only refuses
-        "torchvision": str(torchvision.__version__),
-        "python": sys.version.split()[0],
-    }
