@@ -6,9 +6,9 @@ variant, uint8 [N, H, W, C]: see :data:`INPUT_FORMATS`) and gives class scores
 through the output :data:`OUTPUT_NAME` (float32 [N, K]). What the
 runtime needs to serve it (preprocessing, class names, precision) rides in the
 file's ``metadata_props`` under the keys of :data:`KEYS`, each prefixed with
-:data:`PREFIX`. ONNX stores strings only: a string value is stored as-is,
-anything else as JSON. The ``.pt2`` program written beside the ONNX carries
-the same mapping, as JSON, in its extra file :data:`PT2_METADATA`.
+:data:`PREFIX`. ONNX stores strings only: every value is stored as JSON, strings
+too (:func:`decode` reads older files too). The ``.pt2`` program written beside
+the ONNX carries the same mapping, as JSON, in its extra file :data:`PT2_METADATA`.
 
 Export writes through :func:`metadata` and :func:`write_props`; the runtime
 reads through :func:`read_info`; export reads its own files back through
@@ -51,7 +51,7 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CROP_FRACTION = 0.875
 
-# key (without PREFIX) -> what its value means. Strings are stored as-is, the rest as JSON.
+# key (without PREFIX) -> what its value means. Every value is stored as JSON (see encode).
 KEYS = {
     "version": "convforge version that wrote the file",
     "arch": 'architecture name, e.g. "resnet18"',
@@ -77,30 +77,32 @@ KEYS = {
     "several outputs (`convforge annotate --output`)",
 }
 LAYOUTS = ("NCHW", "NHWC")
+# Keys whose value is text, even where an old file stored "191" as-is (see decode).
+TEXT_KEYS = "version arch precision int8_target source_sha256 input_format layout output".split()
 
 
 def encode(values: Mapping[str, object]) -> dict[str, str]:
-    """``{"precision": "int8", "classes": [...]}`` -> ``{"convforge.precision": "int8", ...}``.
-
-    Raises ValueError for a key outside :data:`KEYS` (a bug in the writer, not a
-    user mistake: the contract has no room for ad-hoc keys).
-    """
+    """``{"arch": "x"}`` -> ``{"convforge.arch": '"x"'}``: every value as JSON, strings too.
+    Raises ValueError for a key outside :data:`KEYS` (a bug in the writer, not a user
+    mistake: the contract has no room for ad-hoc keys)."""
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ValueError(f"not keys of the convforge file contract: {unknown}")
-    return {PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+    return {PREFIX + k: json.dumps(v) for k, v in values.items()}
 
 
 def decode(props: Mapping[str, str]) -> dict:
-    """The ``convforge.*`` entries of ``props``, prefix removed, JSON values decoded."""
+    """The ``convforge.*`` entries of ``props``, prefix removed, JSON values decoded. A file
+    from before :func:`encode` made every value JSON reads as before: a value that is not JSON
+    is that string, and so is a :data:`TEXT_KEYS` value that parses as no string ("191")."""
     out = {}
-    for key, value in props.items():
-        if not key.startswith(PREFIX):
-            continue
+    ours = {key[len(PREFIX) :]: raw for key, raw in props.items() if key.startswith(PREFIX)}
+    for name, raw in ours.items():
         try:
-            out[key[len(PREFIX) :]] = json.loads(value)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            out[key[len(PREFIX) :]] = value
+            value = raw
+        out[name] = raw if name in TEXT_KEYS and not isinstance(value, str) else value
     return out
 
 
@@ -427,9 +429,7 @@ def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None, tuple[str,
     tensor = graph_input.type.tensor_type
     outputs = [o.name for o in model.graph.output]
     meta = {**decode(read_props(model)), **_DECLARED.get(str(path.resolve()), {})}
-    # str(): decode() reads a numeric name such as torch's "191" back as a number
-    output = str(meta["output"]) if "output" in meta else None
-    output = output or (OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0])
+    output = meta.get("output") or (OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0])
     if output not in outputs:
         raise UserError(
             f"{path} has no output {output!r} (asked by --output or its metadata); its "

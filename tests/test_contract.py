@@ -68,9 +68,39 @@ def test_encode_refuses_keys_outside_the_contract():
     with pytest.raises(ValueError, match="not keys of the convforge file contract"):
         contract.encode({"precison": "fp32"})
     assert contract.encode({"precision": "int8", "folded_bn": 3}) == {
-        "convforge.precision": "int8",
+        "convforge.precision": '"int8"',
         "convforge.folded_bn": "3",
     }
+
+
+def test_a_numeric_looking_string_round_trips_as_a_string():
+    values = {"output": "191", "arch": "1.0", "classes": ["191", "7"], "folded_bn": 191}
+    encoded = contract.encode(values)
+    assert encoded["convforge.output"] == '"191"'  # JSON, strings too
+    assert contract.decode(encoded) == values
+
+
+def test_a_file_written_before_every_value_was_json_reads_as_before(tmp_path):
+    """Old files stored strings as-is: plain text stays text, numbers and lists are JSON,
+    and the text of a text-valued key stays text even when it reads as a number."""
+    old = {
+        "convforge.precision": "fp32", "convforge.arch": "resnet18", "convforge.version": "1.0",
+        "convforge.output": "191", "convforge.layout": "NCHW", "convforge.channels": "3",
+        "convforge.input_size": "8", "convforge.classes": '["a", "b"]', "other.key": "7",
+    }  # fmt: skip
+    assert contract.decode(old) == {
+        "precision": "fp32", "arch": "resnet18", "version": "1.0", "output": "191",
+        "layout": "NCHW", "channels": 3, "input_size": 8, "classes": ["a", "b"],
+    }  # fmt: skip
+    # The reader takes the old numeric output name as the name it is, no str() needed.
+    path = _foreign([("input.1", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                    [("aux", ["n", 2]), ("191", ["n", 2])], tmp_path=tmp_path)  # fmt: skip
+    model = onnx.load(path)
+    contract.write_props(model, old)
+    onnx.save(model, path)
+    info = contract.read_info(path)
+    assert info.output_name == "191" and info.metadata["output"] == "191"
+    assert info.arch == "resnet18" and info.classes == ["a", "b"] and info.spec.channels == 3
 
 
 def test_write_props_replaces_in_place_and_keeps_other_keys():
@@ -80,8 +110,8 @@ def test_write_props_replaces_in_place_and_keeps_other_keys():
     contract.write_props(model, contract.encode({"precision": "int8"}))
     assert contract.read_props(model) == {
         "other.key": "x",
-        "convforge.precision": "int8",
-        "convforge.arch": "a",
+        "convforge.precision": '"int8"',
+        "convforge.arch": '"a"',
     }
     contract.write_props(model, {"convforge.arch": "b"}, replace_all=True)
     assert contract.read_props(model) == {"convforge.arch": "b"}

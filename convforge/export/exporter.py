@@ -39,6 +39,7 @@ from convforge.export.onnx_export import (
 )
 from convforge.export.validate import (
     INT8_MAX_DROP,
+    ValidationInputs,
     ValidationReport,
     check_metadata,
     reference_logits,
@@ -144,10 +145,10 @@ def export_onnx(
     info = {**(metadata or {}), **contract.encode({"folded_bn": fold_report.folded})}
     contract.write_props(model, info)
     t = time.perf_counter()
-    reference = reference_logits(module, samples)
+    checks = ValidationInputs.of(module, samples, labels=labels, source=source)
     program_path = path.with_suffix(".pt2")
     with together(staging) as group:
-        report = write_validated(model, path, group, reference, samples, "fp32", labels, source)
+        report = write_validated(model, path, group, checks, "fp32")
         seconds["validate"] = time.perf_counter() - t
         save_program(program, group.file(program_path), info)
     return ExportReport(
@@ -221,29 +222,64 @@ def export_checkpoint(
     With ``staging``, the files are staged in it, for the caller to publish
     with its own.
     """
-    from convforge.builder import ModelConfig, build_model
-    from convforge.builder.checkpoint import load_checkpoint
-
     opts.check()
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"output path must end in .onnx, got {out}")
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    ck, model = _rebuild(checkpoint)
+    data = ck["data_config"]
+    input_size = (data["channels"], data["input_size"], data["input_size"])
+    samples, labels, calib = _images(ck, opts)
+    info = _metadata(checkpoint, ck, opts)
+    with together(staging) as staging:
+        report = export_onnx(model, out, input_size, opset=opts.opset, metadata=info,
+                             samples=samples, labels=labels, staging=staging)  # fmt: skip
+        checks = None
+        if samples is not None:
+            checks = ValidationInputs.of(
+                model, samples, labels=labels, int8_max_drop=opts.int8_max_drop
+            )
+        _variants(ExportJob(model, out, opts, staging, checks, calib), report)
+        report_path = staging.file(out.with_suffix(".export.json"))
+        report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    return report
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One ``convforge export`` after its fp32 file: what each variant step needs."""
+
+    module: nn.Module  # the checkpoint's model, unfolded: the reference of every check
+    out: Path  # the fp32 file; each variant is written beside it
+    opts: ExportOptions
+    staging: Staging  # every file is staged here, to appear together with the others
+    checks: ValidationInputs | None  # the checkpoint's validation images; None: none at hand
+    calibration: np.ndarray | None  # int8 calibration images (None unless opts.int8)
+
+
+def _rebuild(checkpoint: str | Path) -> tuple[dict, nn.Module]:
+    """The checkpoint and its model, rebuilt from its config with its weights loaded."""
+    from convforge.builder import ModelConfig, build_model
+    from convforge.builder.checkpoint import load_checkpoint
+
     ck = load_checkpoint(checkpoint)
     try:
-        cfg = ModelConfig(**ck["model_config"])
-        model = build_model(cfg)
+        model = build_model(ModelConfig(**ck["model_config"]))
         model.load_state_dict(ck["model_state"])
     except (TypeError, RuntimeError) as e:
         raise UserError(
             f"{checkpoint}: its model does not match its config ({str(e).splitlines()[0]})"
         ) from None
+    return ck, model
+
+
+def _metadata(checkpoint: str | Path, ck: dict, opts: ExportOptions) -> dict[str, str]:
+    """The encoded metadata of the fp32 file (:func:`convforge.contract.metadata`)."""
     data = ck["data_config"]
-    input_size = (data["channels"], data["input_size"], data["input_size"])
-    samples, labels, calib = _images(ck, opts)
-    info = contract.metadata(
-        arch=cfg.arch,
+    return contract.metadata(
+        arch=ck["model_config"]["arch"],
         classes=data["classes"],
         mean=data["mean"],
         std=data["std"],
@@ -253,69 +289,46 @@ def export_checkpoint(
         source_sha256=contract.sha256_of(checkpoint),
         dataset=_dataset(ck, opts),
     )
-    with together(staging) as staging:
-        report = export_onnx(model, out, input_size, opset=opts.opset, metadata=info,
-                             samples=samples, labels=labels, staging=staging)  # fmt: skip
-        _variants(report, model, out, samples, labels, calib, opts, staging)
-        report_path = staging.file(out.with_suffix(".export.json"))
-        report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    return report
 
 
-def _variants(report, model, out, samples, labels, calib, opts, staging) -> None:
-    """Stage the variants ``opts`` asks for beside the fp32 file: fp16, int8, uint8 twins,
-    the Triton repository. ``samples`` is None only when neither fp16 nor int8 is asked."""
+def _variants(job: ExportJob, report: ExportReport) -> None:
+    """Stage the variants ``job.opts`` asks for beside the fp32 file: fp16, int8, uint8
+    twins, the Triton repository. ``job.checks`` is None only when neither fp16 nor int8
+    is asked."""
     from convforge.export import precision
+
+    if job.opts.fp16:
+        _variant(job, report, "fp16", precision.to_fp16(report.model))
+    if job.opts.int8:
+        _int8_variant(job, report)
+    if job.opts.input_format == "uint8":
+        _uint8_variants(job, report)
+    if job.opts.triton_repo:
+        report.triton_repo = _triton_repo(job, report)
+
+
+def _int8_variant(job: ExportJob, report: ExportReport) -> None:
+    """The int8 file: the fewest layers in float that keep top-1 within the budget."""
     from convforge.export.int8_accuracy import int8_within_budget
 
-    reference = reference_logits(model, samples) if samples is not None else None
-    if opts.fp16:
-        fp16 = precision.to_fp16(report.model)
-        _variant(report, "fp16", fp16, out, staging, reference, samples, labels)
-    if opts.int8:
-        int8, search = int8_within_budget(
-            report.model,
-            calib,
-            samples,
-            labels,
-            reference,
-            max_drop=opts.int8_max_drop,
-            target=opts.int8_target,
-            method=opts.calib_method,
-        )
-        # TensorRT runs the Q/DQ graph as written; see convforge.export.validate.
-        optimized = opts.int8_target != "tensorrt"
-        _variant(report, "int8", int8, out, staging, reference, samples, labels, optimized, opts)
-        report.variants["int8"]["search"] = search
-    if opts.input_format == "uint8":
-        _uint8_variants(report, model, out, samples, labels, opts, staging)
-    if opts.triton_repo:
-        from convforge.export.triton import write_triton_repo
-
-        best = out.with_suffix(".int8.onnx") if opts.int8 else out
-        repo = write_triton_repo(
-            staging.temporary(best),
-            opts.triton_repo,
-            out.stem.replace(".", "_"),
-            contract.decode(contract.read_props(report.model))["classes"],
-            max_batch_size=opts.triton_max_batch_size,
-            staging=staging,
-        )
-        report.triton_repo = str(repo)
-
-
-def _variant(report, name, model, out, staging, reference, samples, labels, optimized=True,
-             opts=None):  # fmt: skip
-    path = out.with_suffix(f".{name}.onnx")
-    source = report.validation.source
-    max_drop = opts.int8_max_drop if opts else INT8_MAX_DROP
-    result = write_validated(
-        model, path, staging, reference, samples, name, labels, source, optimized, max_drop
+    opts = job.opts
+    int8, search = int8_within_budget(
+        report.model, job.calibration, job.checks, target=opts.int8_target, method=opts.calib_method
     )
+    # TensorRT runs the Q/DQ graph as written; see convforge.export.validate.
+    _variant(job, report, "int8", int8, optimized=opts.int8_target != "tensorrt")
+    report.variants["int8"]["search"] = search
+
+
+def _variant(
+    job: ExportJob, report: ExportReport, name: str, model: onnx.ModelProto, optimized=True
+) -> None:
+    path = job.out.with_suffix(f".{name}.onnx")
+    result = write_validated(model, path, job.staging, job.checks, name, optimized)
     report.variants[name] = {"path": str(path), "report": result, "model": model}
 
 
-def _uint8_variants(report, module, out, samples, labels, opts, staging) -> None:
+def _uint8_variants(job: ExportJob, report: ExportReport) -> None:
     """Beside each file written so far, its uint8-input twin (convforge.export.input_format):
     ``<name>.uint8.onnx``, ``<name>.fp16.uint8.onnx``, ``<name>.int8.uint8.onnx``.
 
@@ -326,51 +339,67 @@ def _uint8_variants(report, module, out, samples, labels, opts, staging) -> None
     from convforge.export import input_format
 
     meta = contract.decode(contract.read_props(report.model))
-    if samples is None:
+    if job.checks is None:
         c, h, w = report.model.graph.input[0].type.tensor_type.shape.dim[1:]
         shape = (RANDOM_SAMPLES, h.dim_value, w.dim_value, c.dim_value)
         pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     else:
-        pixels = input_format.pixels_of(samples, meta["mean"], meta["std"])
-    reference = reference_logits(module, input_format.normalized(pixels, meta["mean"], meta["std"]))
-    sources = {"fp32": (report.model, out)}
+        pixels = input_format.pixels_of(job.checks.samples, meta["mean"], meta["std"])
+    floats = input_format.normalized(pixels, meta["mean"], meta["std"])  # what fp32 sees
+    checks = ValidationInputs(
+        pixels,
+        reference_logits(job.module, floats),
+        labels=job.checks.labels if job.checks else None,
+        source=report.validation.source,
+        int8_max_drop=job.opts.int8_max_drop,
+    )
+    sources = {"fp32": (report.model, job.out)}
     sources.update({k: (v["model"], Path(v["path"])) for k, v in report.variants.items()})
     for name, (model, path) in sources.items():
         target = path.with_suffix(".uint8.onnx")
-        optimized = not (name == "int8" and opts.int8_target == "tensorrt")  # as in _variant
+        optimized = not (name == "int8" and job.opts.int8_target == "tensorrt")  # as _variant
         result = write_validated(
-            input_format.to_uint8_input(model), target, staging, reference, pixels, name,
-            labels, report.validation.source, optimized, opts.int8_max_drop,
-        )  # fmt: skip
+            input_format.to_uint8_input(model), target, job.staging, checks, name, optimized
+        )
         report.variants[f"{name}.uint8"] = {"path": str(target), "report": result}
+
+
+def _triton_repo(job: ExportJob, report: ExportReport) -> str:
+    """The Triton model folder, serving the int8 file when there is one, else the fp32."""
+    from convforge.export.triton import write_triton_repo
+
+    best = job.out.with_suffix(".int8.onnx") if job.opts.int8 else job.out
+    repo = write_triton_repo(
+        job.staging.temporary(best),
+        job.opts.triton_repo,
+        job.out.stem.replace(".", "_"),
+        contract.decode(contract.read_props(report.model))["classes"],
+        max_batch_size=job.opts.triton_max_batch_size,
+        staging=job.staging,
+    )
+    return str(repo)
 
 
 def write_validated(
     model: onnx.ModelProto,
     path: Path,
     staging: Staging,
-    reference: np.ndarray,
-    samples: np.ndarray,
+    checks: ValidationInputs,
     precision: str,
-    labels: np.ndarray | None,
-    source: str,
     accuracy_optimized: bool = True,
-    int8_max_drop: float = INT8_MAX_DROP,
 ) -> ValidationReport:
     """Stage ``model`` for ``path`` in ``staging``, and check the staged file.
 
     The bytes go to a temporary file beside ``path``, which is read back
-    through the file contract and run by the runtime's ``ort-cpu`` backend
-    (:mod:`convforge.export.validate`); it becomes ``path`` when ``staging``
-    is published. Raises :class:`ValidationFailed` if the check fails.
+    through the file contract and run by the runtime's ``ort-cpu`` backend on
+    ``checks`` (:mod:`convforge.export.validate`); it becomes ``path`` when
+    ``staging`` is published. Raises :class:`ValidationFailed` if the check fails.
     """
     expected = contract.read_props(model)
     tmp = staging.file(path)
     tmp.write_bytes(serialize(model))
     check_metadata(tmp, expected)
-    report = validate(
-        tmp, reference, samples, precision, labels, source, accuracy_optimized, int8_max_drop
-    )
+    report = validate(tmp, checks, precision, accuracy_optimized)
     if not report.passed:
         raise ValidationFailed(
             f"{precision} export failed validation, {path.name} not written: {report.criterion}"

@@ -4,7 +4,7 @@ What NNCF's ``quantize_with_accuracy_control`` does for OpenVINO, on ONNX
 Runtime's QDQ quantizer (:class:`~convforge.export.int8.Int8Quantizer`):
 
 1. Quantize every layer; measure top-1 on the labelled validation images. If it
-   is at most ``max_drop`` points below the fp32 reference, that is the answer.
+   is at most ``int8_max_drop`` points below the fp32 reference, that is the answer.
 2. Otherwise rank the quantizable nodes (Conv, Gemm, MatMul, residual Add,
    pooling, ...: :data:`~convforge.export.int8.QUANTIZED_OPS`) by sensitivity:
    for each, quantize *only that* layer and measure how far the logits move
@@ -44,7 +44,7 @@ import onnx
 from convforge.errors import UserError
 from convforge.export.int8 import Int8Quantizer
 from convforge.export.onnx_export import serialize
-from convforge.export.validate import ort_logits
+from convforge.export.validate import ValidationInputs, ort_logits
 from convforge.runtime.backends.ort import OrtCpu
 
 RANK_SAMPLES = 32  # calibration images each layer's sensitivity is measured on
@@ -98,24 +98,26 @@ class Int8Search:
 def int8_within_budget(
     model: onnx.ModelProto,
     calibration: np.ndarray,
-    samples: np.ndarray,
-    labels: np.ndarray,
-    reference: np.ndarray,
+    checks: ValidationInputs,
     *,
-    max_drop: float,
     target: str = "cpu",
     method: str = "minmax",
     rank_samples: int = RANK_SAMPLES,
 ) -> tuple[onnx.ModelProto, Int8Search]:
-    """The int8 model with the fewest float layers whose top-1 drop is <= ``max_drop`` points.
+    """The int8 model with the fewest float layers whose top-1 drop is <= the budget.
 
-    ``model`` is the fp32 graph, ``calibration`` float32 [N, C, H, W] training
-    images, ``samples``/``labels`` the validation images and their labels and
-    ``reference`` the fp32 (PyTorch) logits of ``samples``, which define the
-    reference accuracy. ``max_drop`` is in points (0.5 = half a point of top-1).
+    ``model`` is the fp32 graph and ``calibration`` float32 [N, C, H, W] training
+    images. ``checks`` holds the validation images (``samples``), their
+    ``labels`` (required) and the fp32 (PyTorch) logits of them (``reference``),
+    which define the reference accuracy, and the budget ``int8_max_drop`` in
+    points (0.5 = half a point of top-1).
     Raises UserError when no mix of int8 and float layers fits the budget, and
     whatever :class:`Int8Quantizer` raises for bad calibration data.
     """
+    samples, labels, reference = checks.samples, checks.labels, checks.reference
+    max_drop = checks.int8_max_drop
+    if labels is None:
+        raise ValueError("int8_within_budget needs labelled validation samples")
     if not max_drop >= 0:
         raise UserError(f"--int8-max-drop must be >= 0 points, got {max_drop}")
     start = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -94,39 +95,17 @@ def write_triton_repo(
     graph whose inputs/outputs have a fixed batch dimension, an element type
     Triton lacks, or a class-score output that does not fit ``classes``.
     """
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise UserError(
-            f"invalid Triton model name {name!r}; use 1-128 letters, digits, '_', '-' or '.', "
-            "not starting with '.' or '-'"
-        )
-    _check_int("max_batch_size", max_batch_size, 1)
-    _check_int("instance_count", instance_count, 1)
-    _check_int("max_queue_delay_us", max_queue_delay_us, 0)
-    check_choice("Triton instance kind", kind, KINDS)
-    preferred = sorted(set(preferred_batch_sizes or ()))
-    for size in preferred:
-        _check_int("each preferred batch size", size, 1, max_batch_size)
+    settings = _Settings.checked(
+        name, max_batch_size, instance_count, kind, preferred_batch_sizes, max_queue_delay_us
+    )
     labels = _labels_text(classes)
-
     source = Path(onnx_path)
-    model = _load(source)
-    inputs, outputs = _io(model)
+    inputs, outputs = _io(_load(source))
     for tensor in (*inputs, *outputs):
         tensor.check_batch(max_batch_size)
     labelled = _labelled_output(outputs, len(classes))
     shown = staging.final(source) if staging else source
-    config = _config_text(
-        name,
-        max_batch_size,
-        inputs,
-        outputs,
-        labelled,
-        kind,
-        instance_count,
-        preferred,
-        max_queue_delay_us,
-        shown.name,
-    )
+    config = _config_text(settings, inputs, outputs, labelled, shown.name)
 
     target = Path(repo_dir) / name
     with together(staging) as group:
@@ -136,6 +115,37 @@ def write_triton_repo(
         (folder / LABELS_FILE).write_text(labels)
         (folder / CONFIG_FILE).write_text(config)
     return target
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The config's own values (everything but the graph's tensors), checked."""
+
+    name: str  # the model's folder name and Triton model name
+    max_batch_size: int  # >= 1
+    instance_count: int  # >= 1
+    kind: str  # one of KINDS
+    preferred: tuple[int, ...]  # sorted, no repeats, each in 1..max_batch_size; may be empty
+    max_queue_delay_us: int  # >= 0
+
+    @classmethod
+    def checked(
+        cls, name, max_batch_size, instance_count, kind, preferred_batch_sizes, max_queue_delay_us
+    ) -> _Settings:
+        """The settings, or a UserError naming the first value out of range."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise UserError(
+                f"invalid Triton model name {name!r}; use 1-128 letters, digits, '_', '-' or '.', "
+                "not starting with '.' or '-'"
+            )
+        _check_int("max_batch_size", max_batch_size, 1)
+        _check_int("instance_count", instance_count, 1)
+        _check_int("max_queue_delay_us", max_queue_delay_us, 0)
+        check_choice("Triton instance kind", kind, KINDS)
+        preferred = tuple(sorted(set(preferred_batch_sizes or ())))
+        for size in preferred:
+            _check_int("each preferred batch size", size, 1, max_batch_size)
+        return cls(name, max_batch_size, instance_count, kind, preferred, max_queue_delay_us)
 
 
 class _Tensor:
@@ -237,15 +247,10 @@ def _labels_text(classes) -> str:
 
 
 def _config_text(
-    name: str,
-    max_batch_size: int,
+    settings: _Settings,
     inputs: list[_Tensor],
     outputs: list[_Tensor],
     labelled: _Tensor,
-    kind: str,
-    instance_count: int,
-    preferred: list[int],
-    max_queue_delay_us: int,
     source_name: str,
 ) -> str:
     """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
@@ -271,20 +276,21 @@ def _config_text(
         return [f"{field} [", *body, "]"]
 
     batching = ["dynamic_batching {"]
-    if preferred:
-        batching.append(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]")
-    batching += [f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
+    if settings.preferred:
+        sizes = ", ".join(map(str, settings.preferred))
+        batching.append(f"  preferred_batch_size: [ {sizes} ]")
+    batching += [f"  max_queue_delay_microseconds: {settings.max_queue_delay_us}", "}"]
     lines = [
         f"# Written by convforge from {source_name}; Triton serves {VERSION}/{MODEL_FILE}.",
-        f"name: {_quote(name)}",
+        f"name: {_quote(settings.name)}",
         f"platform: {_quote(PLATFORM)}",
-        f"max_batch_size: {max_batch_size}",
+        f"max_batch_size: {settings.max_batch_size}",
         *listing("input", inputs),
         *listing("output", outputs),
         "instance_group [",
         "  {",
-        f"    count: {instance_count}",
-        f"    kind: {kind}",
+        f"    count: {settings.instance_count}",
+        f"    kind: {settings.kind}",
         "  }",
         "]",
         *batching,

@@ -86,6 +86,28 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ValidationInputs:
+    """What an exported file is checked on: every step of the check reads it from here.
+
+    An export builds it once and hands the same frozen value to each file it
+    checks (fp32, fp16, int8); a uint8-input twin gets its own, with the pixels
+    behind ``samples`` and the original model's logits on those pixels.
+    """
+
+    samples: np.ndarray  # what the file takes: float32 [N, C, H, W], or uint8 [N, H, W, C]
+    reference: np.ndarray  # the original PyTorch model's logits of samples, [N, K]
+    labels: np.ndarray | None = None  # the true class of each sample; None: no accuracy
+    source: str = "dataset"  # "dataset" (real validation images) or "random"
+    int8_max_drop: float = INT8_MAX_DROP  # top-1 points an int8 file may lose
+
+    @classmethod
+    def of(cls, module: nn.Module, samples: np.ndarray, **fields) -> ValidationInputs:
+        """Inputs whose reference is ``module``'s logits of ``samples``
+        (:func:`reference_logits`); ``fields`` set the others."""
+        return cls(samples, reference_logits(module, samples), **fields)
+
+
 def reference_logits(module: nn.Module, samples: np.ndarray) -> np.ndarray:
     """The original model's logits on ``samples`` (eval mode, fp32, CPU)."""
     module.eval()
@@ -119,20 +141,17 @@ def check_metadata(path: str | os.PathLike, expected: dict[str, str]) -> contrac
 
 def validate(
     path: str | os.PathLike,
-    reference: np.ndarray,
-    samples: np.ndarray,
+    checks: ValidationInputs,
     precision: str,
-    labels: np.ndarray | None = None,
-    source: str = "dataset",
     accuracy_optimized: bool = True,
-    int8_max_drop: float = INT8_MAX_DROP,
 ) -> ValidationReport:
-    """Compare the logits of the ONNX file at ``path`` on ``samples`` with ``reference``.
+    """Compare the logits of the ONNX file at ``path`` on ``checks.samples`` with
+    ``checks.reference``, and judge them by ``precision``'s criterion (module docstring).
 
-    ``reference`` holds the PyTorch logits. ``accuracy_optimized``: take the
-    accuracy from the batch-8 run with ORT optimizations on (True) or off (False).
-    ``int8_max_drop``: the top-1 points an int8 file may lose.
+    ``accuracy_optimized``: take the accuracy from the batch-8 run with ORT
+    optimizations on (True) or off (False).
     """
+    samples, reference, labels = checks.samples, checks.reference, checks.labels
     scale = float(np.abs(reference).max())
     ref_top1 = reference.argmax(1)
     runs = []
@@ -158,11 +177,11 @@ def validate(
     if labels is not None:
         ref_acc = float((ref_top1 == labels).mean())
         onnx_acc = float((onnx_full.argmax(1) == labels).mean())
-    passed, criterion = _judge(precision, runs, ref_acc, onnx_acc, int8_max_drop)
+    passed, criterion = _judge(precision, runs, ref_acc, onnx_acc, checks.int8_max_drop)
     return ValidationReport(
         precision,
         len(samples),
-        source,
+        checks.source,
         scale,
         runs,
         ref_acc,

@@ -75,7 +75,7 @@ def test_the_pass_prepends_cast_transpose_mul_add_and_keeps_the_rest():
     assert dims == ["batch", 16, 16, 1]
     assert out.graph.output == model.graph.output
     props = contract.read_props(out)
-    assert props.pop("convforge.input_format") == "uint8"
+    assert props.pop("convforge.input_format") == '"uint8"'  # JSON, like every value
     assert props == contract.read_props(model)  # every other entry carried over
     onnx.checker.check_model(out, full_check=True)
 

@@ -22,6 +22,7 @@ from torch import nn
 from convforge.errors import UserError
 from convforge.export.int8 import Int8Quantizer, to_int8
 from convforge.export.int8_accuracy import int8_within_budget
+from convforge.export.validate import ValidationInputs
 from tests.export.test_precision import digits, export, metadata, run, tiny_cnn, train
 
 
@@ -45,6 +46,11 @@ def trapped(tmp_path_factory):
     return proto, x_train[:128].numpy(), x_test, y_test, reference
 
 
+def checks(x: np.ndarray, y: np.ndarray, reference: np.ndarray, max_drop=0.5):
+    """The validation inputs of the search: images, labels, fp32 logits, the budget."""
+    return ValidationInputs(x, reference, y, int8_max_drop=max_drop)
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
 
@@ -57,7 +63,7 @@ def test_plain_int8_breaks_on_the_trap(trapped):
 
 def test_the_search_keeps_the_classifier_in_float(trapped):
     proto, calibration, x_test, y_test, reference = trapped
-    model, search = int8_within_budget(proto, calibration, x_test, y_test, reference, max_drop=0.5)
+    model, search = int8_within_budget(proto, calibration, checks(x_test, y_test, reference, 0.5))
     gemm = [n.name for n in model.graph.node if n.op_type == "Gemm"]
     assert search.float_layers == gemm, search.ranking
     assert search.ranking[0]["layer"] == gemm[0]
@@ -84,7 +90,7 @@ def test_the_search_keeps_the_classifier_in_float(trapped):
 
 def test_a_model_that_fits_is_not_searched(trapped):
     proto, calibration, x_test, y_test, reference = trapped
-    model, search = int8_within_budget(proto, calibration, x_test, y_test, reference, max_drop=100)
+    model, search = int8_within_budget(proto, calibration, checks(x_test, y_test, reference, 100))
     assert search.float_layers == [] and search.evaluations == 1 and search.ranking == []
     assert "float_layers" not in json.loads(metadata(model)["convforge.calibration"])
 
@@ -101,9 +107,7 @@ def test_no_mix_that_fits_is_refused(tmp_path):
     x_test, y_test = x_test.numpy(), y_test.numpy()
     message = "int8 cannot keep top-1 within 0.5 points: with every layer int8 it loses"
     with pytest.raises(UserError, match=re.escape(message) + ".*only quantizable layer"):
-        int8_within_budget(
-            proto, x_train[:64].numpy(), x_test, y_test, run(proto, x_test), max_drop=0.5
-        )
+        int8_within_budget(proto, x_train[:64].numpy(), checks(x_test, y_test, run(proto, x_test)))
 
 
 def test_a_mix_without_any_quantized_tensor_is_not_int8(tmp_path):
@@ -119,15 +123,13 @@ def test_a_mix_without_any_quantized_tensor_is_not_int8(tmp_path):
     proto = export(model, x_train[:2], tmp_path / "pool_linear.onnx")
     x_test, y_test = x_test.numpy(), y_test.numpy()
     with pytest.raises(UserError, match="the mixes that fit leave no layer int8"):
-        int8_within_budget(
-            proto, x_train[:64].numpy(), x_test, y_test, run(proto, x_test), max_drop=0.5
-        )
+        int8_within_budget(proto, x_train[:64].numpy(), checks(x_test, y_test, run(proto, x_test)))
 
 
 def test_negative_budget_is_a_user_error(trapped):
     proto, calibration, x_test, y_test, reference = trapped
     with pytest.raises(UserError, match="must be >= 0 points"):
-        int8_within_budget(proto, calibration, x_test, y_test, reference, max_drop=-1)
+        int8_within_budget(proto, calibration, checks(x_test, y_test, reference, -1))
 
 
 def test_calibration_runs_in_memory_bounded_chunks_and_once(trapped, monkeypatch):

@@ -178,7 +178,7 @@ def test_fp16_keeps_metadata_and_input_untouched(trained):
     proto, *_ = trained
     before = proto.SerializeToString()
     meta = metadata(to_fp16(proto))
-    assert meta == {**METADATA, "convforge.precision": "fp16"}
+    assert meta == {**METADATA, "convforge.precision": '"fp16"'}  # every value JSON
     assert list(meta)[:2] == list(METADATA)  # original order kept
     assert proto.SerializeToString() == before
 
@@ -249,8 +249,8 @@ def test_int8_structure(trained, int8_models, target):
 def test_int8_metadata(trained, int8_models, target):
     meta = metadata(int8_models[target])
     assert {k: meta[k] for k in METADATA} == METADATA
-    assert meta["convforge.precision"] == "int8"
-    assert meta["convforge.int8_target"] == target
+    assert json.loads(meta["convforge.precision"]) == "int8"
+    assert json.loads(meta["convforge.int8_target"]) == target
     assert json.loads(meta["convforge.calibration"]) == {"method": "minmax", "samples": 256}
 
 
