@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check convforge tests benchmarks
-	$(BIN)/ruff format --check convforge tests benchmarks
+	$(BIN)/ruff check convforge tests benchmarks docs/generate.py
+	$(BIN)/ruff format --check convforge tests benchmarks docs/generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -85,8 +85,7 @@ import onnxruntime as ort
 import openvino as ov
 import torch
 
-from convforge.builder import ModelConfig, build_model
-from convforge.builder.checkpoint import load_checkpoint
+from convforge.builder.checkpoint import Checkpoint, load_checkpoint
 from convforge.builder.data import augment
 from convforge.builder.data.augment import AugmentConfig
 from convforge.builder.data.sources import load_dataset
@@ -173,9 +172,9 @@ def trained(arch: str, epochs: int | None) -> Path:
     return out / "best.pt"
 
 
-def images(ck: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def images(ck: Checkpoint) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(validation images, their labels, calibration images), preprocessed for the model."""
-    data = ck["data_config"]
+    data = ck.data_config
     bundle = load_dataset("digits", val_fraction=VAL_FRACTION, seed=SEED, channels=3)
     tf = augment.eval_transform(SIZE, data["mean"], data["std"], bundle.native_size)
 
@@ -188,10 +187,8 @@ def images(ck: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return val, np.asarray(bundle.val.targets), stack(bundle.train, calib_idx.tolist())
 
 
-def module(ck: dict) -> torch.nn.Module:
-    model = build_model(ModelConfig(**ck["model_config"]))
-    model.load_state_dict(ck["model_state"])
-    return model.eval()
+def module(ck: Checkpoint) -> torch.nn.Module:
+    return ck.build_model().eval()
 
 
 # ---- peers ------------------------------------------------------------------------------
@@ -253,7 +250,7 @@ def torch_path(model: torch.nn.Module) -> Runner:
     return Runner("torch eager", "peer", "fp32", run)
 
 
-def peers(ck: dict, work: Path, calib: np.ndarray) -> list[Runner]:
+def peers(ck: Checkpoint, work: Path, calib: np.ndarray) -> list[Runner]:
     model = module(ck)
     fp32 = work / "peer.onnx"
     int8 = work / "peer.int8.onnx"

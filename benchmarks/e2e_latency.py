@@ -69,7 +69,7 @@ from cpu_backends import (  # noqa: E402 (benchmarks/ is the script's own folder
     trained,
 )
 
-from convforge.builder.checkpoint import load_checkpoint  # noqa: E402
+from convforge.builder.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from convforge.contract import sha256_of  # noqa: E402
 from convforge.export import ExportOptions, export_checkpoint  # noqa: E402
 from convforge.files import write_text  # noqa: E402
@@ -115,8 +115,8 @@ class Peer:
 
     name = "peer: PIL + torchvision v2 + OpenVINO NNCF int8"
 
-    def __init__(self, ck: dict, work: Path) -> None:
-        data = ck["data_config"]
+    def __init__(self, ck: Checkpoint, work: Path) -> None:
+        data = ck.data_config
         self.transform = v2.Compose(
             [
                 v2.ToImage(),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convforge import __version__
-from convforge.errors import UserError
+from convforge.errors import UserError, first_line
 
 INPUT_NAME = "input"  # graph input: preprocessed images
 OUTPUT_NAME = "logits"  # graph output: one score per class
@@ -401,7 +401,7 @@ def load_onnx(path: str | os.PathLike, weights: bool = True):
     try:
         model = onnx.load(str(path), load_external_data=weights)
     except Exception as e:  # protobuf raises DecodeError; onnx wraps others
-        raise UserError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} is not a readable ONNX model: {first_line(e)}") from None
     if not model.graph.node:
         raise UserError(f"{path} is not a readable ONNX model: the graph has no nodes")
     return model

@@ -12,6 +12,13 @@ class UserError(ValueError):
     """Bad input from the user; the message is shown as-is on one line."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of ``error``'s message, or its type's name when it has none
+    (for a one-line message built from a library's multi-line or empty exception)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def check_choice(kind: str, value: str, choices) -> str:
     """Return ``value`` if it is one of ``choices``, else raise a UserError listing them."""
     if value not in choices:

@@ -1,7 +1,7 @@
 """Which optional library comes with which extra, and what to say when one is missing.
 
 ``pip install convforge`` is the runtime only (numpy, Pillow, onnx, tqdm);
-each heavier library arrives with an extra (DESIGN.md "Installs by role").
+each heavier library arrives with an extra (docs/install.md).
 A command that needs a library that is not installed stops with one line
 naming the library and the extra, e.g. ``convforge train needs PyTorch:
 pip install 'convforge[train]'``, never an ImportError traceback.
@@ -54,16 +54,30 @@ ONNXRUNTIME_BUILDS = (
 )
 
 
+# NVIDIA's package index: the tensorrt extra's libraries are there, not on PyPI.
+NVIDIA_INDEX = "https://pypi.nvidia.com"
+
+
 class InstallWarning(UserWarning):
     """The environment is installed in a way that breaks part of convforge."""
 
 
-def install_hint(module: str) -> str:
-    """The pip command that brings ``module`` (a key of :data:`EXTRA_OF`)."""
-    extra = EXTRA_OF[module][1]
+def extra_hint(extra: str) -> str:
+    """How to install convforge's ``extra`` (or extras, comma-separated: ``"gpu,tensorrt"``),
+    as a backend declares it (``Backend.extra``) and an error message ends with it."""
     if extra == "cpu":
         return "pip install 'convforge[cpu]' (or 'convforge[gpu]' on a CUDA machine)"
+    if extra == "tensorrt":  # TensorRT's libraries are on NVIDIA's index (pyproject.toml)
+        return (
+            f"pip install 'convforge[tensorrt]' --extra-index-url {NVIDIA_INDEX}, "
+            "or use JetPack or an NGC container, which ship TensorRT"
+        )
     return f"pip install 'convforge[{extra}]'"
+
+
+def install_hint(module: str) -> str:
+    """The pip command that brings ``module`` (a key of :data:`EXTRA_OF`)."""
+    return extra_hint(EXTRA_OF[module][1])
 
 
 def require(what: str, *modules: str) -> None:

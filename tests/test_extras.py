@@ -64,3 +64,17 @@ def test_one_build_is_silent(monkeypatch):
         extras.check_onnxruntime_builds()
     extras.check_onnxruntime_builds.cache_clear()
     assert seen == []
+
+
+def test_one_install_hint_per_extra_as_backends_declare_them():
+    assert extras.extra_hint("openvino") == "pip install 'convforge[openvino]'"
+    assert extras.extra_hint("gpu,tensorrt") == "pip install 'convforge[gpu,tensorrt]'"
+    assert extras.extra_hint("cpu") == (
+        "pip install 'convforge[cpu]' (or 'convforge[gpu]' on a CUDA machine)"
+    )
+    assert extras.extra_hint("tensorrt") == (  # TensorRT's libraries are on NVIDIA's index
+        "pip install 'convforge[tensorrt]' --extra-index-url https://pypi.nvidia.com, "
+        "or use JetPack or an NGC container, which ship TensorRT"
+    )
+    assert extras.install_hint("onnxruntime") == extras.extra_hint("cpu")
+    assert extras.install_hint("tensorrt") == extras.extra_hint("tensorrt")

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from convforge.builder.registry import ModelConfig, build_model, get_entry
 from convforge.console import format_table
-from convforge.errors import UserError, check_int
+from convforge.errors import UserError, check_int, first_line
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def measure(config: ModelConfig, input_size: int) -> Complexity:
     except (RuntimeError, ValueError) as e:
         raise UserError(
             f"{config.arch} with stem {config.stem!r} cannot take {input_size} px input: "
-            f"{str(e).splitlines()[0]}"
+            f"{first_line(e)}"
         ) from None
     params = sum(p.numel() for p in model.parameters())
     return Complexity(params, counter.get_total_flops() // 2, input_size)

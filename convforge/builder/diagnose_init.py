@@ -20,7 +20,7 @@ from torch import nn
 from convforge.builder.layers import ACTIVATION_TYPES
 from convforge.builder.registry import ModelConfig, build_model
 from convforge.console import format_table
-from convforge.errors import UserError, check_int
+from convforge.errors import UserError, check_int, first_line
 from convforge.plots import pyplot, save_png
 
 
@@ -105,7 +105,7 @@ def run_init_experiment(
                 raise
             raise UserError(
                 f"{cfg.arch} with stem {cfg.stem!r} cannot take {input_size} px input: "
-                f"{str(e).splitlines()[0]}"
+                f"{first_line(e)}"
             ) from None
         runs.append(InitRun(cfg, layers))
     return runs

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from convforge.builder.checkpoint import read_weights_file
+from convforge.builder.checkpoint import Checkpoint, model_with_weights, read_weights_file
 from convforge.builder.initialization import init_weights
 from convforge.builder.plain import PlainNet
-from convforge.builder.registry import ModelConfig, build_model
+from convforge.builder.registry import ModelConfig
 from convforge.builder.resnet import ResNet
 from convforge.builder.vgg import VGG
 from convforge.errors import UserError, check_choice
@@ -197,25 +197,19 @@ def load_pretrained(path, arch: str | None = None) -> tuple[nn.Module, ModelConf
     ``state_dict`` (then ``arch`` names the architecture, e.g. resnet18)."""
     data = read_weights_file(path)
     if isinstance(data, dict) and "model_state" in data and "model_config" in data:
-        cfg = ModelConfig(**data["model_config"])
-        state = data["model_state"]
-    elif (
+        checkpoint = Checkpoint.from_payload(data, path)
+        return checkpoint.build_model(), checkpoint.model_config.resolved()
+    if not (
         isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values())
     ):
-        if arch is None:
-            raise UserError(
-                f"{path} is a bare state_dict, which does not name its architecture; "
-                f"pass --model (e.g. resnet18)"
-            )
-        state = data
-        cfg = _config_from_state(arch, state)
-    else:
         raise UserError(f"{path} is neither a convforge checkpoint nor a state_dict of tensors")
-    with torch.device("meta"):
-        build_model(cfg)  # validates the config before the real (slower) build
-    model = build_model(cfg)
-    _load_strict(model, state, path, cfg.arch)
-    return model, cfg.resolved()
+    if arch is None:
+        raise UserError(
+            f"{path} is a bare state_dict, which does not name its architecture; "
+            f"pass --model (e.g. resnet18)"
+        )
+    cfg = _config_from_state(arch, data)
+    return model_with_weights(cfg, data, path), cfg.resolved()
 
 
 def _config_from_state(arch: str, state: dict) -> ModelConfig:
@@ -241,25 +235,6 @@ def _config_from_state(arch: str, state: dict) -> ModelConfig:
         stem=stem,
         options=options,
     )
-
-
-def _load_strict(model: nn.Module, state: dict, path, arch: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
-        raise UserError(f"{path} does not match {arch}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
 
 
 def adapt(model: nn.Module, cfg: ModelConfig, num_classes: int, in_channels: int):

@@ -1,10 +1,11 @@
 """``convforge <command>``: parses arguments, calls the parts, prints; no logic of its own.
 
 One module per command group: :mod:`.builder` (models, diagnose, train,
-finetune, augment-preview), :mod:`.export` (export, inspect), :mod:`.runtime`
-(predict, bench, backends, serve), :mod:`.tune` (tune, and ``--plan``) and
-:mod:`.pipeline` (pipeline, demo). A command's parser is built only when that command runs, from the
-settings dataclasses of the part it calls (:mod:`.options`): ``convforge predict``
+finetune, augment-preview), :mod:`.export` (export), :mod:`.runtime` (inspect,
+annotate, predict, bench, backends, serve), :mod:`.tune` (tune), :mod:`.plan`
+(``--plan`` for predict, bench and serve) and :mod:`.pipeline` (pipeline, demo).
+A command's parser is built only when that command runs, from the settings
+dataclasses of the part it calls (:mod:`.options`): ``convforge predict``
 never imports torch, and a command whose extra is not installed says which one in
 a line before anything else happens (:mod:`convforge.extras`).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -44,8 +46,8 @@ COMMANDS = {
     "finetune": Command("builder", "transfer learning from a checkpoint or weights file", TRAIN),
     "augment-preview": Command("builder", "PNG grid of augmented training samples", TRAIN),
     "export": Command("export", "checkpoint -> BatchNorm-folded, validated ONNX", EXPORT),
-    "inspect": Command("export", "what an ONNX file holds"),
-    "annotate": Command("export", "write labels and preprocessing into a foreign ONNX file"),
+    "inspect": Command("runtime", "what an ONNX file holds"),
+    "annotate": Command("runtime", "write labels and preprocessing into a foreign ONNX file"),
     "predict": Command("runtime", "top-k classes of images with an exported model"),
     "bench": Command("runtime", "latency/throughput per backend x precision x batch size"),
     "backends": Command("runtime", "each backend's options, and whether it runs here"),
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"convforge: error: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            # The reader left (`convforge inspect m.onnx | head`): stop quietly, as cat does;
+            # stdout goes to devnull so the interpreter's final flush cannot raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, the status a shell reports for this
         except ModuleNotFoundError as e:
             # A library the command's `needs` did not list; still one line, never a traceback.
             module = (e.name or "").split(".")[0]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import typing
 
+from convforge import settings
 from convforge.errors import UserError
 
 
@@ -36,17 +36,6 @@ def csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    """argparse type: ``"1,8,32"`` -> ``(1, 8, 32)``, positive integers only."""
-    try:
-        values = tuple(int(v) for v in csv(text))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"takes comma-separated positive integers, got {text!r}")
-    return values
-
-
 def add_settings(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -59,10 +48,11 @@ def add_settings(
     """One option per field of dataclass ``cls`` declared with :func:`convforge.settings.setting`.
 
     The option is ``--field-name`` (or the field's ``flag``), typed from the
-    annotation (``bool`` fields get ``--x/--no-x``; ``tuple[int, ...]`` takes
-    ``1,8,32``), defaulting to the field's default or ``defaults[name]``, and
-    stores into ``args.<field name>`` for :func:`settings_from`. ``only`` and
-    ``skip`` choose fields by name.
+    annotation by :func:`convforge.settings.coerce` (``bool`` fields get
+    ``--x/--no-x``; ``tuple[int, ...]`` takes ``1,8,32``, each entry in the
+    field's range), defaulting to the field's default or ``defaults[name]``, and
+    stores into ``args.<field name>`` for :func:`settings_from`, which checks the
+    ranges. ``only`` and ``skip`` choose fields by name.
     """
     defaults = defaults or {}
     hints = typing.get_type_hints(cls)
@@ -70,18 +60,51 @@ def add_settings(
     for f in dataclasses.fields(cls):
         if not f.metadata.get("cli", False) or f.name in skip or (only and f.name not in only):
             continue
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        flag = settings.flag(f)
         default = defaults.get(f.name, _default(f))
-        kind = _without_none(hints[f.name])
+        kind, _ = settings.unwrap(hints[f.name])
         kwargs = {"dest": f.name, "default": default, "help": _help(f, default)}
         if kind is bool:
             kwargs["action"] = _GivenBool
         elif typing.get_origin(kind) is tuple:
-            kwargs.update(action=_Given, type=int_list, metavar="N,N,...")
+            kwargs.update(action=_Given, type=_list_type(f, kind), metavar="N,N,...")
         else:
-            kwargs.update(action=_Given, type=kind)
+            kwargs.update(action=_Given, type=_type(kind))
             kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         group.add_argument(flag, **kwargs)
+
+
+def _type(kind):
+    """argparse type: text -> ``kind`` by :func:`convforge.settings.coerce`. Its ValueError
+    makes argparse say ``argument --iters: invalid int value: 'many'``."""
+
+    def convert(text: str):
+        try:
+            return settings.coerce(kind, text, "")
+        except UserError:
+            raise ValueError(text) from None
+
+    convert.__name__ = getattr(kind, "__name__", "value")  # the word in argparse's message
+    return convert
+
+
+def _list_type(f: dataclasses.Field, kind):
+    """argparse type: ``"1,8,32"`` -> ``(1, 8, 32)``, each entry in field ``f``'s range
+    (a list's entries are checked with it: ``takes comma-separated positive integers``)."""
+
+    def convert(text: str):
+        try:
+            values = settings.coerce(kind, text, "")
+            settings.check_value(f, kind, values, "")
+        except UserError:
+            entry = typing.get_args(kind)[0]
+            words = settings.accepted(entry, f, plural=True)
+            raise argparse.ArgumentTypeError(
+                f"takes comma-separated {words}, got {text!r}"
+            ) from None
+        return values
+
+    return convert
 
 
 def given(args: argparse.Namespace, name: str) -> bool:
@@ -112,8 +135,14 @@ def settings_values(cls: type, args: argparse.Namespace) -> dict:
 
 
 def settings_from(cls: type, args: argparse.Namespace, **fixed):
-    """An instance of ``cls`` from the options :func:`add_settings` declared (``fixed`` wins)."""
-    return cls(**{**settings_values(cls, args), **fixed})
+    """An instance of ``cls`` from the options :func:`add_settings` declared (``fixed`` wins),
+    every choice and range checked (:func:`convforge.settings.parse`): a value out of range
+    is a one-line UserError naming its option, before any work starts."""
+    hints = typing.get_type_hints(cls)
+    given = {  # None: an option without a default that was not given (a required field)
+        k: v for k, v in settings_values(cls, args).items() if v is not None or _optional(hints[k])
+    }
+    return settings.parse(cls, given, fixed=fixed)
 
 
 def backend_options(items: list[str] | None, backends) -> dict[str, dict]:
@@ -157,13 +186,8 @@ def _default(f: dataclasses.Field):
     return None
 
 
-def _without_none(annotation):
-    """``int | None`` -> ``int``; anything else unchanged."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
+def _optional(annotation) -> bool:
+    return settings.unwrap(annotation)[1]
 
 
 def _help(f: dataclasses.Field, default) -> str:

@@ -1,4 +1,5 @@
-"""The runtime's commands: ``predict``, ``bench`` and ``backends``. None imports torch
+"""The runtime's commands: ``inspect``, ``annotate``, ``predict``, ``bench``, ``backends`` and
+``serve``. None imports torch
 unless asked to (``--backend torch``, ``bench --accuracy``). ``bench``'s timing options
 are generated from ``BenchConfig``; the matrix itself is
 :func:`convforge.runtime.bench.bench_matrix`. ``backends`` lists each backend's option
@@ -18,6 +19,8 @@ from convforge.cli.options import (
     apply_model_overrides,
     backend_options,
     csv,
+    float_list,
+    read_labels,
     settings_from,
 )
 from convforge.cli.plan import (
@@ -28,8 +31,9 @@ from convforge.cli.plan import (
     use_plan,
 )
 from convforge.errors import UserError
+from convforge.runtime.backends import AUTO_ORDER
 
-BACKEND_HELP = "auto, ort-cpu, ort-cuda, ort-trt, tensorrt, openvino or torch"
+BACKEND_HELP = f"auto, {', '.join(AUTO_ORDER[:-1])} or {AUTO_ORDER[-1]}"
 OPTIONS_HINT = "`convforge backends` lists each backend's options and whether it runs here."
 
 
@@ -37,8 +41,8 @@ def predict_parser(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Classify images with an exported model (.onnx; .pt2 for the torch "
         "backend). Preprocessing comes from the model's metadata. --backend auto loads "
-        "the fastest backend that can run the file here (tensorrt, ort-trt, ort-cuda, "
-        f"openvino, ort-cpu, torch, in that order). {OPTIONS_HINT}"
+        f"the fastest backend that can run the file here ({', '.join(AUTO_ORDER)}, in that "
+        f"order). {OPTIONS_HINT}"
     )
     p.add_argument("model", help="an .onnx file (or a convforge .pt2)")
     p.add_argument("images", nargs="+", help="image files")
@@ -356,7 +360,73 @@ def _announce(running) -> None:
     print(f"convforge serve: ready on {running.http_url}{grpc} (Ctrl-C stops)", flush=True)
 
 
+def inspect_parser(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Print an ONNX model's opset, IR version, inputs and outputs, op "
+        "histogram, parameter count, file size, precision, convforge metadata and "
+        "BatchNorm count."
+    )
+    p.add_argument("model", help="an .onnx file")
+    add_json(p)
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from convforge.runtime.onnx_info import describe, format_description
+
+    info = describe(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+def annotate_parser(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Write convforge metadata (labels, mean/std, resize, layout, the output to read) into "
+        "an ONNX file made elsewhere, so predict, serve, bench and tune run it with the right "
+        "preprocessing and labels. Nothing else in the file changes; the written file is "
+        "checked to give the same logits as the original before it is saved. Values not "
+        "given are the defaults a file without metadata runs with (ImageNet mean/std, "
+        "resize to input / 0.875), written out."
+    )
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("-o", "--out", required=True, help="the annotated .onnx to write")
+    p.add_argument("--labels", help="a text file, one class name per line, in logit order")
+    p.add_argument("--mean", type=float_list, help="per-channel mean of [0, 1] pixels, e.g. "
+                   "0.485,0.456,0.406")  # fmt: skip
+    p.add_argument("--std", type=float_list, help="per-channel std, e.g. 0.229,0.224,0.225")
+    p.add_argument("--resize", type=int, help="resize the shorter side to this, then crop")
+    p.add_argument("--output", help="the graph output holding the class scores (default: "
+                   "'logits' if present, else the first)")  # fmt: skip
+    p.add_argument("--layout", choices=("NCHW", "NHWC"), help="the input's layout (default: "
+                   "inferred from its shape)")  # fmt: skip
+    add_json(p)
+    p.set_defaults(func=cmd_annotate)
+
+
+def cmd_annotate(args) -> int:
+    from convforge import extras
+    from convforge.runtime.annotate import annotate
+
+    extras.require_engine("convforge annotate")
+    labels = read_labels(args.labels) if args.labels else None
+    done = annotate(args.model, args.out, labels=labels, mean=args.mean, std=args.std,
+                    resize=args.resize, output=args.output, layout=args.layout)  # fmt: skip
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    meta, checked = done["metadata"], done["checked"]
+    classes = f"{len(meta['classes'])} labels" if "classes" in meta else "index labels"
+    print(
+        f"wrote {done['path']}: {classes}, mean {meta['mean']}, std {meta['std']}, resize "
+        f"{meta['resize_size']} + crop {meta['input_size']}, {meta['layout']}, output "
+        f"{meta['output']!r}; logits identical to {args.model} on {checked['backend']}"
+    )
+    return 0
+
+
 PARSERS = {
+    "inspect": inspect_parser,
+    "annotate": annotate_parser,
     "predict": predict_parser,
     "bench": bench_parser,
     "backends": backends_parser,

@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from convforge import contract
-from convforge.errors import UserError, check_choice, check_int
+from convforge.errors import UserError
 from convforge.export.fold import FoldReport, fold_batchnorm
 from convforge.export.int8 import CALIBRATION_METHODS, INT8_TARGETS
 from convforge.export.onnx_export import (
@@ -47,7 +48,10 @@ from convforge.export.validate import (
 )
 from convforge.files import Staging, together
 from convforge.runtime.onnx_info import op_histogram
-from convforge.settings import setting
+from convforge.settings import check_ranges, setting
+
+if TYPE_CHECKING:  # the builder is imported when a checkpoint is read, not with this module
+    from convforge.builder.checkpoint import Checkpoint
 
 RANDOM_SAMPLES = 32  # validation batch when no real images are at hand
 
@@ -172,41 +176,42 @@ class ExportOptions:
         False, "also write <name>.int8.onnx (QDQ, per-channel, static calibration)"
     )
     int8_target: str = setting(
-        "cpu", "cpu (uint8 activations: ONNX Runtime, OpenVINO) or tensorrt (symmetric int8)"
+        "cpu",
+        "cpu (uint8 activations: ONNX Runtime, OpenVINO) or tensorrt (symmetric int8)",
+        choices=INT8_TARGETS,
     )
-    calib_samples: int = setting(256, "training images to calibrate int8 activations on")
-    calib_method: str = setting("minmax", f"int8 calibration: {', '.join(CALIBRATION_METHODS)}")
+    calib_samples: int = setting(256, "training images to calibrate int8 activations on", minimum=1)
+    calib_method: str = setting(
+        "minmax", f"int8 calibration: {', '.join(CALIBRATION_METHODS)}",
+        choices=CALIBRATION_METHODS,
+    )  # fmt: skip
     int8_max_drop: float = setting(
         INT8_MAX_DROP,
         "top-1 points the int8 file may lose against fp32; when every-layer int8 loses more, "
         "the most sensitive layers stay in float until it fits (refused if no mix does)",
+        minimum=0,
+        maximum=100,
     )
-    val_samples: int = setting(512, "validation images that check each export, at most")
+    val_samples: int = setting(512, "validation images that check each export, at most", minimum=1)
     dataset: str | None = setting(
         None,
         "validate and calibrate on this dataset (e.g. imagefolder:DIR) instead of the one "
         "the checkpoint names, e.g. when that folder has moved; it must have the same classes",
     )
     triton_repo: str | None = setting(None, "also write a Triton model repository here")
-    triton_max_batch_size: int = setting(32, "the Triton model's max_batch_size")
+    triton_max_batch_size: int = setting(32, "the Triton model's max_batch_size", minimum=1)
     input_format: str = setting(
         "float32",
         "float32, or uint8: also write <name>.uint8.onnx (and <name>.fp16.uint8.onnx, "
         "<name>.int8.uint8.onnx for the variants) taking uint8 [N, H, W, C] pixels, "
         "/255, mean and std inside the graph",
+        choices=contract.INPUT_FORMATS,
     )
 
     def check(self) -> ExportOptions:
-        """Self, or a UserError naming the option out of range (before any work)."""
-        check_int("--val-samples", self.val_samples)
-        check_choice("--input-format", self.input_format, contract.INPUT_FORMATS)
-        if self.int8:
-            check_choice("int8 target", self.int8_target, INT8_TARGETS)
-            check_choice("calibration method", self.calib_method, CALIBRATION_METHODS)
-            check_int("--calib-samples", self.calib_samples)
-            if not 0 <= self.int8_max_drop <= 100:
-                raise UserError(f"--int8-max-drop must be 0-100 points, got {self.int8_max_drop:g}")
-        return self
+        """Self, or a UserError naming the option out of its declared choices or range
+        (before any work)."""
+        return check_ranges(self)
 
 
 def export_checkpoint(
@@ -229,7 +234,7 @@ def export_checkpoint(
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
     ck, model = _rebuild(checkpoint)
-    data = ck["data_config"]
+    data = ck.data_config
     input_size = (data["channels"], data["input_size"], data["input_size"])
     samples, labels, calib = _images(ck, opts)
     info = _metadata(checkpoint, ck, opts)
@@ -259,27 +264,19 @@ class ExportJob:
     calibration: np.ndarray | None  # int8 calibration images (None unless opts.int8)
 
 
-def _rebuild(checkpoint: str | Path) -> tuple[dict, nn.Module]:
+def _rebuild(checkpoint: str | Path) -> tuple[Checkpoint, nn.Module]:
     """The checkpoint and its model, rebuilt from its config with its weights loaded."""
-    from convforge.builder import ModelConfig, build_model
     from convforge.builder.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    try:
-        model = build_model(ModelConfig(**ck["model_config"]))
-        model.load_state_dict(ck["model_state"])
-    except (TypeError, RuntimeError) as e:
-        raise UserError(
-            f"{checkpoint}: its model does not match its config ({str(e).splitlines()[0]})"
-        ) from None
-    return ck, model
+    return ck, ck.build_model()
 
 
-def _metadata(checkpoint: str | Path, ck: dict, opts: ExportOptions) -> dict[str, str]:
+def _metadata(checkpoint: str | Path, ck: Checkpoint, opts: ExportOptions) -> dict[str, str]:
     """The encoded metadata of the fp32 file (:func:`convforge.contract.metadata`)."""
-    data = ck["data_config"]
+    data = ck.data_config
     return contract.metadata(
-        arch=ck["model_config"]["arch"],
+        arch=ck.model_config.arch,
         classes=data["classes"],
         mean=data["mean"],
         std=data["std"],
@@ -407,18 +404,18 @@ def write_validated(
     return report
 
 
-def _dataset(ck: dict, opts: ExportOptions) -> dict:
+def _dataset(ck: Checkpoint, opts: ExportOptions) -> dict:
     """The dataset the export checks on (``--dataset``, else the checkpoint's) and its split,
     as the ``dataset`` metadata key holds them."""
-    train_cfg = ck.get("train_config", {})
+    train_cfg = ck.train_config
     return {
-        "spec": opts.dataset or ck["data_config"]["dataset"],
+        "spec": opts.dataset or ck.data_config["dataset"],
         "val_fraction": train_cfg.get("val_fraction", 0.1),
         "seed": train_cfg.get("seed", 0),
     }
 
 
-def _images(ck: dict, opts: ExportOptions):
+def _images(ck: Checkpoint, opts: ExportOptions):
     """Validation samples + labels and calibration images from the checkpoint's dataset, or
     from ``opts.dataset`` (which must have the checkpoint's classes).
 
@@ -430,7 +427,7 @@ def _images(ck: dict, opts: ExportOptions):
     from convforge.builder.data import augment
     from convforge.builder.data.sources import load_dataset
 
-    data, dataset = ck["data_config"], _dataset(ck, opts)
+    data, dataset = ck.data_config, _dataset(ck, opts)
     try:
         bundle = load_dataset(
             dataset["spec"],

@@ -24,7 +24,7 @@ from torch import nn
 from torch.export import Dim
 
 from convforge.contract import BATCH_DIM, INPUT_NAME, OUTPUT_NAME, PT2_METADATA
-from convforge.errors import UserError
+from convforge.errors import UserError, first_line
 from convforge.files import atomic_write
 
 DEFAULT_OPSET = 18
@@ -41,7 +41,7 @@ def trace(module: nn.Module, input_size: tuple[int, int, int]) -> torch.export.E
         return torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch.export raises many types; all mean "cannot trace"
         raise UserError(
-            f"torch.export could not trace the model at {c}x{h}x{w}: {str(e).splitlines()[0]}"
+            f"torch.export could not trace the model at {c}x{h}x{w}: {first_line(e)}"
         ) from None
 
 

@@ -279,7 +279,7 @@ def _transfer_record(checkpoint: Path) -> dict:
     """What fine-tuning decided (from the checkpoint, so a resumed run knows it too)."""
     from convforge.builder.checkpoint import load_checkpoint
 
-    return load_checkpoint(checkpoint).get("transfer") or {}
+    return load_checkpoint(checkpoint).transfer or {}
 
 
 # -- export, tune, bench -----------------------------------------------------------------------

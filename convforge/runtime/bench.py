@@ -43,12 +43,12 @@ PERCENTILES = (50, 90, 95, 99)
 
 @dataclass
 class BenchConfig:
-    batch_sizes: tuple[int, ...] = setting((1, 8, 32), "batch sizes to measure")
-    warmup_iters: int = setting(10, "warm-up runs, at least ...")
-    warmup_seconds: float = setting(1.0, "... lasting at least this many seconds")
-    iters: int = setting(50, "measured runs, at least ...")
-    seconds: float = setting(2.0, "... lasting at least this many seconds")
-    seed: int = setting(0, "seed of the random input batches")
+    batch_sizes: tuple[int, ...] = setting((1, 8, 32), "batch sizes to measure", minimum=1)
+    warmup_iters: int = setting(10, "warm-up runs, at least ...", minimum=0)
+    warmup_seconds: float = setting(1.0, "... lasting at least this many seconds", minimum=0)
+    iters: int = setting(50, "measured runs, at least ...", minimum=1)
+    seconds: float = setting(2.0, "... lasting at least this many seconds", minimum=0)
+    seed: int = setting(0, "seed of the random input batches", minimum=0)
 
 
 def latency_stats(samples_ms: list[float], batch_size: int) -> dict:

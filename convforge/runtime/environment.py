@@ -9,16 +9,19 @@ from __future__ import annotations
 import os
 import platform
 
+from convforge.runtime.backends import BACKENDS, backend_class
+
 
 def environment() -> dict:
-    """CPU, cores, GPU and library versions of this run (what the numbers belong to)."""
+    """CPU, cores, GPU and library versions of this run (what the numbers belong to): the
+    version of every backend's ``library`` that imports here, and numpy's."""
     env = {
         "cpu": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    for lib in ("onnxruntime", "openvino", "tensorrt", "torch", "numpy"):
+    for lib in [*sorted({backend_class(n).library for n in BACKENDS}), "numpy"]:
         try:
             module = __import__(lib)
             env[f"{lib}_version"] = str(getattr(module, "__version__", "unknown"))

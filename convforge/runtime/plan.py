@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -43,17 +42,10 @@ from convforge.errors import UserError, check_int
 from convforge.files import atomic_write
 from convforge.runtime.backends import BACKENDS, backend_class
 from convforge.runtime.environment import environment
+from convforge.settings import parse
 
 FORMAT = "convforge-plan/1"
 MACHINE_KEYS = ("cpu", "logical_cores", "gpu")  # environment() keys a plan depends on
-LIBRARY_OF = {  # backend -> the library whose version its speed depends on
-    "ort-cpu": "onnxruntime",
-    "ort-cuda": "onnxruntime",
-    "ort-trt": "onnxruntime",
-    "tensorrt": "tensorrt",
-    "openvino": "openvino",
-    "torch": "torch",
-}
 
 
 class PlanWarning(UserWarning):
@@ -134,9 +126,9 @@ class Plan:
                 "make one with `convforge tune`"
             )
         folder = path.resolve().parent
-        plan = _typed(cls, {**data, "entries": []}, str(path))
+        plan = parse(cls, {**data, "entries": []}, f"{path}: ")
         plan.entries = [
-            _typed(PlanEntry, e, f"{path}: entry {i + 1}")
+            parse(PlanEntry, e, f"{path}: entry {i + 1}: ")
             for i, e in enumerate(_typed_list(data.get("entries"), f"{path}: entries"))
         ]
         if not plan.entries:
@@ -175,7 +167,7 @@ class Plan:
         env = environment() if env is None else env
         env = {**env, "convforge_version": __version__}
         then = {**self.environment, "convforge_version": self.convforge_version}
-        libraries = [f"{LIBRARY_OF[e.backend]}_version" for e in self.entries]
+        libraries = [f"{backend_class(e.backend).library}_version" for e in self.entries]
         keys = dict.fromkeys([*MACHINE_KEYS, "convforge_version", *libraries])
         return [
             f"{k.removesuffix('_version')}: {then.get(k, 'none')} -> {env.get(k, 'none')}"
@@ -262,29 +254,3 @@ def _typed_list(value, where: str) -> list:
     if not isinstance(value, list):
         raise UserError(f"{where} must be a list")
     return value
-
-
-_CHECKS = {int: (int,), float: (int, float), str: (str,), dict: (dict,), list: (list,)}
-
-
-def _typed(cls, data, where: str):
-    """``cls(**data)`` after checking that ``data`` is an object holding every field of
-    ``cls`` without a default, and nothing else, each of the annotated type."""
-    if not isinstance(data, dict):
-        raise UserError(f"{where} must be a JSON object")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise UserError(f"{where} has unknown keys {unknown}; accepted: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise UserError(f"{where} lacks {name!r}")
-            continue
-        kind = typing.get_origin(hints[name]) or hints[name]
-        ok = _CHECKS.get(kind, (object,))
-        value = data[name]
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, ok):
-            raise UserError(f"{where}: {name!r} must be {kind.__name__}, got {value!r}")
-    return cls(**data)

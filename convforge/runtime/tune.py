@@ -11,7 +11,7 @@ accuracy budget, measured on this machine (after Triton's Model Analyzer).
 2. Accuracy: the reference is the fp32 file's top-1 on the checked images
    (at most ``max_images``, a seeded sample) through ort-cpu, or the first
    backend that loads it. A candidate's top-1 is computed once per backend,
-   file and options that change numerics (``NUMERIC_OPTIONS``: thread
+   file and options that change numerics (each backend's ``numeric_options``: thread
    counts, hints or profiles do not). Without labels, top-1 agreement with
    the reference is measured instead (the reference agrees 100%). A
    candidate more than ``max_drop`` points below the reference is rejected.
@@ -46,14 +46,14 @@ from pathlib import Path
 import numpy as np
 
 from convforge.contract import read_info, sha256_of
-from convforge.errors import UserError, check_int
+from convforge.errors import UserError
 from convforge.runtime import backends
 from convforge.runtime.candidates import Candidate, candidates
 from convforge.runtime.environment import environment
 from convforge.runtime.evaluate import top1
 from convforge.runtime.plan import Plan, PlanEntry
 from convforge.runtime.preprocess import preprocess
-from convforge.settings import setting
+from convforge.settings import check_ranges, setting
 
 MIN_ITERS = 3  # timed runs per candidate per round, even when the budget is spent
 WARMUP_ITERS = 3  # untimed runs after the first inference, before round one
@@ -61,27 +61,28 @@ WARMUP_ITERS = 3  # untimed runs after the first inference, before round one
 
 @dataclass
 class TuneConfig:
-    batch_sizes: tuple[int, ...] = setting((1, 8, 32), "batch sizes to plan for")
-    max_drop: float = setting(0.5, "largest top-1 drop below the fp32 file allowed, in points")
-    budget_seconds: float = setting(300.0, "time for the whole search (at least one round runs)")
-    max_images: int = setting(500, "images the accuracy check uses, at most (a seeded sample)")
-    rounds: int = setting(5, "interleaved timing rounds per batch size")
-    iters: int = setting(20, f"timed runs per candidate per round, at most (at least {MIN_ITERS})")
-    prune_ratio: float = setting(2.0, "after round one, drop candidates this many x the best")
-    seed: int = setting(0, "seed of the image sample")
+    batch_sizes: tuple[int, ...] = setting((1, 8, 32), "batch sizes to plan for", minimum=1)
+    max_drop: float = setting(
+        0.5, "largest top-1 drop below the fp32 file allowed, in points", minimum=0
+    )
+    budget_seconds: float = setting(
+        300.0, "time for the whole search (at least one round runs)", minimum=0.001
+    )
+    max_images: int = setting(
+        500, "images the accuracy check uses, at most (a seeded sample)", minimum=1
+    )
+    rounds: int = setting(5, "interleaved timing rounds per batch size", minimum=1)
+    iters: int = setting(
+        20, f"timed runs per candidate per round, at most (at least {MIN_ITERS})", minimum=1
+    )
+    prune_ratio: float = setting(
+        2.0, "after round one, drop candidates this many x the best", minimum=1
+    )
+    seed: int = setting(0, "seed of the image sample", minimum=0)
 
     def check(self) -> TuneConfig:
-        """Self, or a UserError naming the setting out of range."""
-        for bs in self.batch_sizes or (0,):
-            check_int("batch size", bs)
-        for name in ("max_images", "rounds", "iters"):
-            check_int(name.replace("_", " "), getattr(self, name))
-        if self.max_drop < 0 or self.budget_seconds <= 0 or self.prune_ratio < 1:
-            raise UserError(
-                "tune needs max_drop >= 0, budget_seconds > 0 and prune_ratio >= 1, got "
-                f"{self.max_drop}, {self.budget_seconds}, {self.prune_ratio}"
-            )
-        return self
+        """Self, or a UserError naming the setting out of its declared range."""
+        return check_ranges(self)
 
 
 def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,

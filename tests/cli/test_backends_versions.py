@@ -12,6 +12,7 @@ import pytest
 
 from convforge.cli import main
 from convforge.runtime import gpu_stack
+from convforge.runtime.backends import AUTO_ORDER
 
 NAMES = ["driver", "CUDA runtime", "cuDNN", "TensorRT", "onnxruntime", "cuda-python"]
 NVRM = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
@@ -222,13 +223,13 @@ def test_backends_prints_the_stack_first_and_puts_it_in_the_json(h100_stack, mon
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "GPU stack:"
     assert out[1:7] == [f"  {line}" for line in stack.lines()]
-    assert out[7] == "" and out[8].startswith("ort-cpu (")
+    assert out[7] == "" and out[8].startswith(f"{AUTO_ORDER[0]} (")  # in auto order
     assert main(["backends", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in record["gpu_stack"]["components"]] == NAMES
     assert record["gpu_stack"]["components"][3]["version"] == "10.16.1.11"
     assert record["gpu_stack"]["mismatches"] == []
-    assert [b["backend"] for b in record["backends"]][0] == "ort-cpu"
+    assert [b["backend"] for b in record["backends"]] == list(AUTO_ORDER)
 
 
 def test_backends_on_this_machine_does_not_crash(capsys):

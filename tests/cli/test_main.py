@@ -136,7 +136,7 @@ def test_backend_booleans_from_the_command_line_mean_what_they_say():
 def test_backends_lists_options_and_availability(capsys):
     assert main(["backends", "--json"]) == 0
     records = {r["backend"]: r for r in json.loads(capsys.readouterr().out)["backends"]}
-    assert list(records) == ["ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino", "torch"]
+    assert list(records) == ["tensorrt", "ort-trt", "ort-cuda", "openvino", "ort-cpu", "torch"]
     assert records["ort-cpu"]["available"] and records["ort-cpu"]["why"] == ""
     assert [o["name"] for o in records["tensorrt"]["options"]][:3] == [
         "min_batch", "opt_batch", "max_batch"
@@ -197,3 +197,14 @@ def test_the_runtime_commands_run_without_torch(tmp_path):
     assert proc.stderr == (
         "convforge: error: convforge train needs PyTorch: pip install 'convforge[train]'\n"
     )
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `convforge inspect m.onnx | head -1`: the pipe closes before convforge writes.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convforge", "inspect", MODEL],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr

@@ -40,20 +40,20 @@ def test_finetune_a_convforge_checkpoint_with_auto_strategy(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "strategy auto chose:" in text and "images/class" in text
     ck = load_checkpoint(out / "last.pt")
-    assert ck["transfer"]["strategy"] in ("feature-extract", "finetune")
-    assert ck["pretrained"].endswith("best.pt")
-    assert ck["model_config"]["num_classes"] == 3 and ck["model_config"]["in_channels"] == 3
+    assert ck.transfer["strategy"] in ("feature-extract", "finetune")
+    assert ck.extra["pretrained"].endswith("best.pt")
+    assert ck.model_config.num_classes == 3 and ck.model_config.in_channels == 3
 
 
 def test_finetune_feature_extract_keeps_the_backbone(tmp_path, capsys):
     pre = tmp_path / "pre"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(pre), "--json"]) == 0
-    before = load_checkpoint(pre / "best.pt")["model_state"]
+    before = load_checkpoint(pre / "best.pt").model_state
     out = tmp_path / "ft"
     assert main(["finetune", "--pretrained", str(pre / "best.pt"), "--strategy",
                  "feature-extract", "--input-size", "8", "--batch-size", "32", "--epochs", "1",
                  "--out", str(out), "--json"]) == 0  # fmt: skip
-    after = load_checkpoint(out / "last.pt")["model_state"]
+    after = load_checkpoint(out / "last.pt").model_state
     for k, v in before.items():
         if k.startswith("features."):
             assert torch.equal(v, after[k]), k  # weights and BN running stats untouched

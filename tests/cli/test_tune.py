@@ -106,9 +106,9 @@ def test_tune_says_when_the_files_own_dataset_cannot_be_loaded(tmp_path, capsys)
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--backends", "nope"], "unknown backend 'nope'; choose from: ort-cpu"),
+        (["--backends", "nope"], "unknown backend 'nope'; choose from: tensorrt"),
         (["--batch-sizes", "0,8"], "argument --batch-sizes: takes comma-separated positive"),
-        (["--max-drop", "-1"], "tune needs max_drop >= 0"),
+        (["--max-drop", "-1"], "--max-drop must be a number >= 0, got -1.0"),
         (["--images", "/no/such.png"], "image /no/such.png does not exist"),
         ([], "does not name its dataset; give --dataset SPEC"),
         (["--dataset", "digits", "--images", MODEL], "give --dataset or --images, not both"),

@@ -179,7 +179,7 @@ def test_transfer_recipe_pretrains_then_fine_tunes(tmp_path):
     from convforge.builder.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "train" / "best.pt")
-    assert ck["model_config"]["num_classes"] == 10 and ck["model_config"]["in_channels"] == 1
+    assert ck.model_config.num_classes == 10 and ck.model_config.in_channels == 1
 
 
 def _tree(folder) -> dict:

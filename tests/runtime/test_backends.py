@@ -6,15 +6,27 @@ provider that did not run."""
 
 from __future__ import annotations
 
+import dataclasses
+from importlib import metadata
+
 import onnx
 import pytest
 
-from convforge import contract
+from convforge import contract, extras
 from convforge.errors import UserError
 from convforge.export.int8 import to_int8
 from convforge.runtime import load
-from convforge.runtime.backends import AUTO_ORDER, BackendUnavailable, backend_class, load_backend
-from convforge.runtime.backends.tensorrt import refuse_asymmetric_int8
+from convforge.runtime.backends import (
+    AUTO_ORDER,
+    BACKENDS,
+    GPU_BACKENDS,
+    BackendUnavailable,
+    DeviceResident,
+    backend_class,
+    load_backend,
+)
+from convforge.runtime.backends.base import refuse_asymmetric_int8
+from convforge.runtime.backends.options import parse_options
 from tests.helpers import export_small_model, random_batch
 from tests.runtime.test_ort import _falls_back_to_cpu, _pretend_gpu_build, _raises_missing_libraries
 
@@ -30,6 +42,30 @@ def files(tmp_path_factory):
         out[target] = str(folder / f"m.int8-{target}.onnx")
         onnx.save(int8, out[target])
     return out
+
+
+def test_the_registry_is_the_auto_order_and_the_gpu_backends_come_from_the_classes():
+    assert AUTO_ORDER == tuple(BACKENDS)
+    assert AUTO_ORDER == ("tensorrt", "ort-trt", "ort-cuda", "openvino", "ort-cpu", "torch")
+    assert GPU_BACKENDS == ("tensorrt", "ort-trt", "ort-cuda")
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_each_backend_declares_its_facts(name):
+    """What the rest of the package reads from a backend class: all declared, all valid."""
+    cls = backend_class(name)
+    assert cls.name == name
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    assert cls.library in extras.ENGINES  # a module that runs models, as require_engine knows
+    declared = metadata.metadata("convforge").get_all("Provides-Extra")  # pyproject's extras
+    assert cls.extra and set(cls.extra.split(",")) <= set(declared)
+    assert isinstance(cls.gpu, bool)
+    assert isinstance(cls.numeric_options, tuple) and set(cls.numeric_options) <= fields
+    for fp32 in (True, False):
+        variants = cls.tune_variants(8, (1, 8, 32), fp32)
+        assert variants and all(isinstance(v, dict) and set(v) <= fields for v in variants)
+        for options in variants:
+            parse_options(cls.Options, options, name)  # values the backend takes
 
 
 def _first_cpu_backend() -> str:
@@ -107,3 +143,13 @@ def test_auto_on_a_torch_program_skips_the_onnx_backends(files):
     assert {s["backend"]: s["why"] for s in skipped}["ort-cpu"] == "runs .onnx files"
     with pytest.raises(UserError, match="ort-cpu runs .onnx files, got .*m.pt2"):
         load_backend("ort-cpu", pt2)
+
+
+@pytest.mark.parametrize("name", ["tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "openvino"])
+def test_a_backend_that_mixes_in_device_resident_is_device_resident(name):
+    # The class attribute Backend.device_resident = False once shadowed the mixin's True
+    # (Backend comes first in their bases), so bench never timed the GPU backends
+    # compute-only. No load needed: what the class is says it.
+    cls = backend_class(name)
+    assert object.__new__(cls).device_resident is issubclass(cls, DeviceResident)
+    assert issubclass(cls, DeviceResident) is (name in ("tensorrt", "ort-trt", "ort-cuda"))

@@ -98,7 +98,8 @@ def test_every_option_is_typed(name):
             assert getattr(parse_options(options, {f.name: str(minimum + 2)}, name), f.name) == (
                 minimum + 2
             )
-            with pytest.raises(UserError, match=f"must be >= {minimum}"):
+            words = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            with pytest.raises(UserError, match=f"must be {words}, got {minimum - 1}"):
                 parse_options(options, {f.name: minimum - 1}, name)
 
 

@@ -80,7 +80,7 @@ def test_wrong_input_is_caught_before_the_backend(digits_model):
 
 
 def test_unknown_and_unavailable_backends_are_clear_errors(digits_model):
-    with pytest.raises(UserError, match="unknown backend 'onnx'; choose one of: ort-cpu"):
+    with pytest.raises(UserError, match="unknown backend 'onnx'; choose one of: tensorrt, ort-trt"):
         load(digits_model, backend="onnx")
     for name in ("ort-cuda", "ort-trt", "tensorrt"):
         ok, why = backend_class(name).available()

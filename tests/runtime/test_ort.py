@@ -8,7 +8,8 @@ import pytest
 from convforge.errors import UserError
 from convforge.runtime.backends.base import BackendUnavailable
 from convforge.runtime.backends.ort import OrtCpu
-from convforge.runtime.backends.ort_gpu import OrtCuda, OrtTensorRT, engine_cache_dir
+from convforge.runtime.backends.ort_cuda import OrtCuda
+from convforge.runtime.backends.ort_trt import OrtTensorRT, engine_cache_dir
 from tests.helpers import (
     SMALL_INPUT,
     export_small_model,
@@ -102,7 +103,7 @@ def test_runtime_module_imports_without_onnxruntime():
     code = (
         "import sys; sys.modules['onnxruntime'] = None\n"
         "from convforge.runtime.backends.ort import OrtCpu\n"
-        "from convforge.runtime.backends.ort_gpu import OrtCuda\n"
+        "from convforge.runtime.backends.ort_cuda import OrtCuda\n"
         "ok, why = OrtCpu.available(); assert not ok and 'onnxruntime' in why, why\n"
         "ok, why = OrtCuda.available(); assert not ok, why\n"
     )
@@ -119,10 +120,9 @@ def _has(provider: str) -> bool:
 
 
 def test_trt_provider_options(exported, tmp_path):
-    from convforge.runtime.backends.ort import _read_info
-
     backend = OrtTensorRT(exported[0], min_batch=1, opt_batch=4, max_batch=8, cache_dir=tmp_path)
-    backend._check_file(_read_info(backend))  # what load() does before the session
+    backend.info = backend._read_info()  # what load() does before the session
+    backend._check_file(backend.info)
     opts = backend.provider_options()
     assert opts["trt_profile_min_shapes"] == "input:1x3x16x16"
     assert opts["trt_profile_opt_shapes"] == "input:4x3x16x16"
@@ -154,13 +154,12 @@ def _reweighted(path, folder):
 def test_trt_engine_cache_is_keyed_by_file_content(exported, tmp_path):
     """ONNX Runtime names cached engines from node and tensor names, never weights: two
     exports of one architecture must not share an engine folder."""
-    from convforge.runtime.backends.ort import _read_info
-
     retrained = _reweighted(exported[0], tmp_path)
     folders = []
     for path in (exported[0], retrained):
         backend = OrtTensorRT(path, cache_dir=str(tmp_path / "cache"))
-        backend._check_file(_read_info(backend))
+        backend.info = backend._read_info()  # what load() does before the session
+        backend._check_file(backend.info)
         folders.append(backend.provider_options()["trt_engine_cache_path"])
     assert folders[0] != folders[1]
     assert all(f.startswith(str(tmp_path / "cache")) for f in folders)

@@ -19,7 +19,8 @@ from onnx import TensorProto, helper
 from convforge import contract
 from convforge.errors import UserError
 from convforge.runtime.backends import BackendUnavailable, load_backend, ort_gpu
-from convforge.runtime.backends.ort_gpu import OrtCuda, OrtTensorRT, engine_cache_dir
+from convforge.runtime.backends.ort_cuda import OrtCuda
+from convforge.runtime.backends.ort_trt import OrtTensorRT, engine_cache_dir
 
 CLASSES = ["a", "b", "c", "d", "e"]
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"

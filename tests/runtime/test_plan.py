@@ -157,13 +157,15 @@ def test_running_the_plan_warns_on_another_machine(plan, monkeypatch):
         ("[]", 'is not a convforge plan (no "format": "convforge-plan/1")'),
         ('{"format": "other/2"}', "is not a convforge plan"),
         ("ENTRIES", "the plan has no entries"),
-        ('ENTRY{"backend": "ort-gpu"}', "unknown backend 'ort-gpu'; choose one of: ort-cpu"),
-        ('ENTRY{"batch_size": "8"}', "entry 1: 'batch_size' must be int, got '8'"),
+        ('ENTRY{"backend": "ort-gpu"}', "unknown backend 'ort-gpu'; choose one of: tensorrt"),
+        ('ENTRY{"batch_size": "eight"}', "entry 1: batch_size takes an integer, got 'eight'"),
         ('ENTRY{"batch_size": 0}', "batch_size must be a positive integer, got 0"),
-        ('ENTRY{"p50_ms": true}', "'p50_ms' must be float, got True"),
-        ('ENTRY{"colour": "red"}', "entry 1 has unknown keys ['colour']"),
-        ("NOBACKEND", "entry 1 lacks 'backend'"),
-        ("NOMODEL", "lacks 'model'"),
+        ('ENTRY{"p50_ms": true}', "entry 1: p50_ms takes a number, got True"),
+        ('ENTRY{"options": []}', "entry 1: options takes a mapping, got []"),
+        ('ENTRY{"colour": "red"}', "unknown key PLAN: entry 1: colour; accepted: batch_size,"),
+        ("NOBACKEND", "plan.json: entry 1: backend is missing"),
+        ("NOMODEL", "plan.json: model is missing"),
+        ("NOTOBJECT", "plan.json: entry 1 must be a mapping of keys to values, got list"),
     ],
 )
 def test_invalid_plan_files_are_one_line_errors(plan, tmp_path, content, message):
@@ -178,12 +180,14 @@ def test_invalid_plan_files_are_one_line_errors(plan, tmp_path, content, message
         del data["entries"][0]["backend"]
     elif content == "NOMODEL":
         del data["model"]
+    elif content == "NOTOBJECT":
+        data["entries"][0] = [1, 2]
     else:
         data = None
     path.write_text(content if data is None else json.dumps(data))
     with pytest.raises(UserError, match="^[^\n]*$") as e:
         Plan.read(path)
-    assert message in str(e.value)
+    assert message.replace("PLAN", str(path)) in str(e.value)
 
 
 def test_missing_or_unreadable_plan(tmp_path):

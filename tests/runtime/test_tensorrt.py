@@ -16,16 +16,11 @@ import numpy as np
 import pytest
 
 from convforge.errors import UserError
-from convforge.runtime.backends import BackendUnavailable
+from convforge.runtime.backends import BackendUnavailable, tensorrt_engine
 from convforge.runtime.backends import tensorrt as trt_backend
 from convforge.runtime.backends.cuda_runtime import check_device_tensor
-from convforge.runtime.backends.tensorrt import (
-    TensorRT,
-    bind,
-    engine_cache_key,
-    set_shape,
-    timing_cache,
-)
+from convforge.runtime.backends.tensorrt import TensorRT, bind, set_shape
+from convforge.runtime.backends.tensorrt_engine import engine_cache_key, timing_cache
 
 OK, WHY = TensorRT.available()
 needs_trt = pytest.mark.skipif(not OK, reason=f"TensorRT backend unavailable: {WHY}")
@@ -156,11 +151,11 @@ def test_one_logger_per_process(monkeypatch):
             made.append(severity)
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(Logger=Logger))
-    trt_backend.logger.cache_clear()
+    tensorrt_engine.logger.cache_clear()
     try:
-        assert trt_backend.logger() is trt_backend.logger()
+        assert tensorrt_engine.logger() is tensorrt_engine.logger()
     finally:
-        trt_backend.logger.cache_clear()
+        tensorrt_engine.logger.cache_clear()
     assert made == [Logger.WARNING]
 
 
@@ -540,17 +535,17 @@ def fake(monkeypatch):
     calls = _Calls()
     rt = _FakeCudart(calls)
     monkeypatch.setattr(trt_backend, "cudart", lambda: rt)
-    trt_backend.logger.cache_clear()
+    tensorrt_engine.logger.cache_clear()
 
     def install(**options):
         module = _fake_trt(calls, **options)
         monkeypatch.setitem(sys.modules, "tensorrt", module)
-        trt_backend.logger.cache_clear()
+        tensorrt_engine.logger.cache_clear()
         return module
 
     install()
     yield calls, rt, install
-    trt_backend.logger.cache_clear()
+    tensorrt_engine.logger.cache_clear()
 
 
 def _batch(n):

@@ -15,7 +15,8 @@ from convforge.errors import UserError
 from convforge.runtime import backends, evaluate, load
 from convforge.runtime.backends.options import parse_options
 from convforge.runtime.backends.ort import OrtCpu
-from convforge.runtime.backends.ort_gpu import OrtCuda, OrtTensorRT
+from convforge.runtime.backends.ort_cuda import OrtCuda
+from convforge.runtime.backends.ort_trt import OrtTensorRT
 from convforge.runtime.backends.tensorrt import TensorRT
 from convforge.runtime.backends.torch_program import TorchProgram
 from convforge.runtime.candidates import Candidate, candidates
@@ -275,7 +276,7 @@ def test_tune_refuses_before_measuring(models, labelled, tmp_path):
         tune([fp16], labelled[0], labelled[1], TuneConfig(**QUICK))
     with pytest.raises(UserError, match="does not exist"):
         tune([tmp_path / "none.onnx"], labelled[0], labelled[1])
-    with pytest.raises(UserError, match="batch size must be a positive integer, got 0"):
+    with pytest.raises(UserError, match="--batch-sizes entry must be a positive integer, got 0"):
         tune([good], labelled[0], labelled[1], TuneConfig(batch_sizes=(0,)))
     with pytest.raises(UserError, match="at least one image"):
         tune([good], [], None)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from convforge import __version__
-from convforge.builder.checkpoint import save_checkpoint
+from convforge.builder.checkpoint import Checkpoint, save_checkpoint
 from convforge.builder.data.augment import AugmentConfig
 from convforge.builder.data.sources import DataBundle
 from convforge.builder.registry import ModelConfig
@@ -38,6 +38,7 @@ from convforge.builder.training import monitor
 from convforge.builder.training.config import TrainConfig
 from convforge.builder.training.distributed import World
 from convforge.builder.transfer import FinetuneSchedule
+from convforge.errors import UserError
 from convforge.files import write_text
 
 
@@ -78,15 +79,16 @@ class Learner:
             "ema_state": self.ema.state_dict() if self.ema is not None else None,
         }
 
-    def load_state_dicts(self, checkpoint: dict) -> None:
+    def load_state_dicts(self, checkpoint: Checkpoint) -> None:
         """Load what :meth:`state_dicts` wrote; a scaler or EMA the file lacks starts afresh."""
-        self.net.load_state_dict(checkpoint["model_state"])
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        self.scheduler.load_state_dict(checkpoint["scheduler_state"])
-        if self.scaler is not None and checkpoint.get("scaler_state"):
-            self.scaler.load_state_dict(checkpoint["scaler_state"])
-        if self.ema is not None and checkpoint.get("ema_state"):
-            self.ema.load_state_dict(checkpoint["ema_state"])
+        self.net.load_state_dict(checkpoint.model_state)
+        states = checkpoint.extra  # the other entries state_dicts() wrote
+        self.optimizer.load_state_dict(states["optimizer_state"])
+        self.scheduler.load_state_dict(states["scheduler_state"])
+        if self.scaler is not None and states.get("scaler_state"):
+            self.scaler.load_state_dict(states["scaler_state"])
+        if self.ema is not None and states.get("ema_state"):
+            self.ema.load_state_dict(states["ema_state"])
 
 
 @dataclass
@@ -107,24 +109,30 @@ class RunState:
         return improved
 
 
-def configs_from(checkpoint: dict) -> tuple[ModelConfig, TrainConfig]:
-    """The configurations a checkpoint was trained with."""
-    train = dict(checkpoint["train_config"])
+def configs_from(checkpoint: Checkpoint) -> tuple[ModelConfig, TrainConfig]:
+    """The configurations a checkpoint was trained with; UserError if it has no
+    ``train_config`` (it was not written by the trainer, so it cannot be resumed)."""
+    if not checkpoint.train_config:
+        raise UserError(
+            f"{checkpoint.path} has no train_config: only a last.pt written by convforge train "
+            f"can be resumed"
+        )
+    train = dict(checkpoint.train_config)
     train["augment"] = AugmentConfig(**train["augment"])
-    return ModelConfig(**checkpoint["model_config"]), TrainConfig(**train)
+    return checkpoint.model_config, TrainConfig(**train)
 
 
-def restore(checkpoint: dict, learner: Learner) -> RunState:
+def restore(checkpoint: Checkpoint, learner: Learner) -> RunState:
     """Continue from ``checkpoint`` (a ``last.pt``): the learner's states, every RNG's state,
     and the run's state to go on from."""
     learner.load_state_dicts(checkpoint)
     state = RunState(
-        history=list(checkpoint.get("history", [])),
-        best_acc=checkpoint["metrics"]["best_val_acc"],
-        best_epoch=checkpoint["metrics"]["best_epoch"],
-        start_epoch=checkpoint["epoch"],
+        history=list(checkpoint.history),
+        best_acc=checkpoint.metrics["best_val_acc"],
+        best_epoch=checkpoint.metrics["best_epoch"],
+        start_epoch=checkpoint.epoch,
     )
-    _set_rng_state(checkpoint["rng_state"])
+    _set_rng_state(checkpoint.extra["rng_state"])
     return state
 
 

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from convforge.builder.checkpoint import load_checkpoint
+from convforge.builder.checkpoint import Checkpoint, load_checkpoint
 from convforge.builder.data import augment
 from convforge.builder.data.images import channel_stats
 from convforge.builder.data.sources import DataBundle, load_dataset
@@ -73,7 +73,7 @@ def load_data(cfg: TrainConfig, channels: int | None = None) -> DataBundle:
 
 
 def data_config(cfg: TrainConfig, bundle: DataBundle) -> dict:
-    """What inference needs to preprocess like training did (DESIGN.md: data_config)."""
+    """What inference needs to preprocess like training did (docs/file-contract.md: data_config)."""
     stats = channel_stats(bundle.train, seed=cfg.seed)
     return {
         "dataset": cfg.dataset,
@@ -123,7 +123,7 @@ def train(
         if world.is_main:
             ensure_dir(out)
         bundle = bundle or load_data(cfg, channels=None if model is None else model_cfg.in_channels)
-        data_cfg = data_config(cfg, bundle) if checkpoint is None else checkpoint["data_config"]
+        data_cfg = data_config(cfg, bundle) if checkpoint is None else checkpoint.data_config
         if model is None:
             model_cfg = dataclasses.replace(
                 model_cfg, num_classes=len(bundle.classes), in_channels=bundle.channels
@@ -131,7 +131,7 @@ def train(
             torch.manual_seed(cfg.seed)
             model = build_model(model_cfg)
         if checkpoint is not None and schedule is None:
-            schedule = schedule_from_record(model, checkpoint.get("transfer"))
+            schedule = schedule_from_record(model, checkpoint.transfer)
         model_cfg = model_cfg.resolved()
         if model_cfg.in_channels != bundle.channels:
             raise UserError(
@@ -161,7 +161,7 @@ class _Run:
         world: World,
         spec: RunSpec,
         model: nn.Module,
-        checkpoint: dict | None,
+        checkpoint: Checkpoint | None,
         progress: bool,
     ):
         self.world, self.spec, self.progress = world, spec, progress

@@ -1,7 +1,8 @@
 """Backends by name, and ``auto``: the fastest one that can run this file here.
 
-Names (CLI and JSON): ort-cpu, ort-cuda, ort-trt, tensorrt, openvino, torch.
-``auto`` tries, in order, tensorrt > ort-trt > ort-cuda (an NVIDIA GPU: native
+A backend is one class in one module (its facts declared on the class, see
+:class:`~.base.Backend`) and one line in :data:`BACKENDS`, whose order is the
+order ``auto`` tries: tensorrt > ort-trt > ort-cuda (an NVIDIA GPU: native
 TensorRT engines are the fastest, ONNX Runtime's TensorRT and CUDA providers
 next) > openvino > ort-cpu (on x86 CPUs OpenVINO measured about 2x faster
 than ONNX Runtime fp32 on ResNet-18/50 here) > torch. It does not stop at the
@@ -29,17 +30,17 @@ from convforge.runtime.backends.base import (
     InputSpec,
 )
 
-# name -> (module, class); imported on use so that unused backends cost nothing.
+# name -> (module, class), in the order auto tries them; imported on use so that unused
+# backends cost nothing.
 BACKENDS = {
-    "ort-cpu": ("convforge.runtime.backends.ort", "OrtCpu"),
-    "ort-cuda": ("convforge.runtime.backends.ort_gpu", "OrtCuda"),
-    "ort-trt": ("convforge.runtime.backends.ort_gpu", "OrtTensorRT"),
     "tensorrt": ("convforge.runtime.backends.tensorrt", "TensorRT"),
+    "ort-trt": ("convforge.runtime.backends.ort_trt", "OrtTensorRT"),
+    "ort-cuda": ("convforge.runtime.backends.ort_cuda", "OrtCuda"),
     "openvino": ("convforge.runtime.backends.openvino", "OpenVino"),
+    "ort-cpu": ("convforge.runtime.backends.ort", "OrtCpu"),
     "torch": ("convforge.runtime.backends.torch_program", "TorchProgram"),
 }
-AUTO_ORDER = ("tensorrt", "ort-trt", "ort-cuda", "openvino", "ort-cpu", "torch")
-GPU_BACKENDS = ("tensorrt", "ort-trt", "ort-cuda")
+AUTO_ORDER = tuple(BACKENDS)
 
 __all__ = [
     "AUTO_ORDER",
@@ -56,6 +57,14 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str):
+    # GPU_BACKENDS comes from the classes' `gpu`: computed on first use, so that importing
+    # this package imports no backend module.
+    if name == "GPU_BACKENDS":
+        return tuple(n for n in BACKENDS if backend_class(n).gpu)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def backend_class(name: str) -> type[Backend]:
     """The class of backend ``name`` (UserError listing the names if unknown)."""
     module, cls = BACKENDS[check_choice("backend", name, list(BACKENDS))]
@@ -64,9 +73,10 @@ def backend_class(name: str) -> type[Backend]:
 
 def create(name: str, path: str, **options) -> Backend:
     """An unloaded backend ``name`` (not ``auto``: that one is chosen by loading)."""
-    if name in GPU_BACKENDS:
+    cls = backend_class(name)
+    if cls.gpu:
         check_onnxruntime_builds()
-    return backend_class(name)(path, **options)
+    return cls(path, **options)
 
 
 def load_backend(name: str, path: str, **options) -> tuple[Backend, list[dict]]:

@@ -9,9 +9,16 @@
 
 or ``with OrtCpu(path) as b: b.run(x)`` (load on enter, close on exit).
 
-Each backend declares its options once, as a dataclass ``Options`` of typed
-fields (:mod:`.options`); the constructor parses what it is given into
-``self.options`` or raises a one-line UserError. :meth:`Backend.run` checks
+Each backend is one class in one module, registered by one line in
+:data:`convforge.runtime.backends.BACKENDS`, and declares what the rest of the
+package needs to know about it as class attributes: ``library`` (the module
+whose version its speed depends on), ``extra`` (the pip extra that installs
+it), ``gpu``, ``numeric_options`` (the options that change its results) and
+:meth:`Backend.tune_variants` (the option sets ``convforge tune`` times).
+Its options are declared once, as a dataclass ``Options`` of typed fields
+(:mod:`.options`); the constructor parses what it is given into
+``self.options`` or raises a one-line UserError. :meth:`Backend.load` reads
+the file's info once and hands it to ``_load(info)``. :meth:`Backend.run` checks
 the batch (type, dtype, rank, channels, spatial size, non-empty) against the
 model's declared input before the backend sees it. What a backend can do
 beyond ``run`` is declared, not probed: :class:`DeviceResident` for backends
@@ -28,11 +35,19 @@ from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import InputSpec
+from convforge.contract import InputSpec, ModelInfo, read_info
 from convforge.errors import UserError
 from convforge.runtime.backends.options import NoOptions, parse_options
 
-__all__ = ["Backend", "BackendUnavailable", "DeviceResident", "InputSpec", "check_batch"]
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "DeviceResident",
+    "InputSpec",
+    "check_batch",
+    "refuse_asymmetric_int8",
+    "tune_profile",
+]
 
 
 class BackendUnavailable(UserError):
@@ -40,20 +55,36 @@ class BackendUnavailable(UserError):
 
 
 class Backend:
-    """Base class: subclasses set ``name`` and ``Options`` and implement the ``_`` hooks."""
+    """Base class: subclasses set ``name``, the facts below and ``Options``, and implement
+    the ``_`` hooks."""
 
     name: str = "base"  # the name used in the CLI and in JSON records, e.g. "ort-cpu"
+    # Facts every backend declares (tests/runtime/test_backends.py checks each one does):
+    library: str  # the module whose version its speed depends on: a plan records it
+    extra: str  # the pip extra(s) that install it, e.g. "cpu", "gpu,tensorrt"
+    gpu: bool  # runs on an NVIDIA GPU (choosing it checks the onnxruntime install first)
+    numeric_options: tuple[str, ...]  # options that can change results: tune checks the
+    # accuracy of each of their values; the others (threads, hints, profiles) share one check
     Options: type = NoOptions  # a frozen dataclass of setting() fields (see .options)
-    device_resident: bool = False  # True: stage/run_device_resident/fetch (DeviceResident)
     suffixes: tuple[str, ...] = (".onnx",)  # the files it runs
     fp32_only: bool = False  # True: runs fp32 files only (tune leaves the others out)
+    symmetric_int8_only: bool = False  # True: load() refuses other int8 (TensorRT's parser)
+
+    @property
+    def device_resident(self) -> bool:
+        """Whether this instance can keep a batch on its device (stage/run_device_resident/
+        fetch): a backend that mixes in :class:`DeviceResident`; one that is so only on some
+        devices overrides this. A property, not a class attribute: ``class B(Backend,
+        DeviceResident)`` would find a Backend attribute first, as it once did, and the
+        GPU backends went without compute-only timing."""
+        return isinstance(self, DeviceResident)
 
     def __init__(self, path: str, **options) -> None:
         self.path = str(path)
         self.options = parse_options(self.Options, options, self.name)
         self._given = dict(options)  # as given: for sibling(), and which options were set
         self.spec: InputSpec | None = None  # set by load()
-        self.info = None  # the file's ModelInfo, for backends that read it in load()
+        self.info: ModelInfo | None = None  # the file's info, set by load()
         self.precision: str = "fp32"  # the precision that actually runs (set by load)
         self._loaded = False
 
@@ -75,6 +106,13 @@ class Backend:
         """Whether this backend runs files like ``path`` (by suffix: .onnx, .pt2)."""
         return Path(path).suffix in cls.suffixes
 
+    @classmethod
+    def tune_variants(cls, batch_size: int, batch_sizes, fp32: bool) -> list[dict]:
+        """The option sets ``convforge tune`` times at ``batch_size`` (``batch_sizes``: every
+        size it times; ``fp32``: the file is fp32): the settings worth trying here, each a
+        dict of :attr:`Options` fields. Default: the backend's defaults only."""
+        return [{}]
+
     @property
     def input_dtypes(self) -> tuple[type, ...]:
         """The numpy dtypes :meth:`run` takes (float32; a half-precision engine may take
@@ -92,7 +130,12 @@ class Backend:
 
     def load(self) -> Backend:
         """Build the engine/session (may be slow). Raises BackendUnavailable if it cannot run;
-        a failed load releases whatever it had acquired."""
+        a failed load releases whatever it had acquired.
+
+        The file's info is read once (:meth:`_read_info`), refused here when the backend
+        takes symmetric int8 only and the file is other int8, set as :attr:`info` with its
+        precision as :attr:`precision` (a backend that runs another one says so in
+        ``_load``), and handed to ``_load(info)``, which returns the input spec."""
         ok, why = self.available()
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
@@ -100,8 +143,12 @@ class Backend:
             raise UserError(
                 f"{self.name} runs {' and '.join(self.suffixes)} files, got {self.path}"
             )
+        info = self._read_info()
+        if self.symmetric_int8_only:
+            refuse_asymmetric_int8(self.name, info)
+        self.info, self.precision = info, info.precision
         try:
-            self.spec = self._load()
+            self.spec = self._load(info)
         except BaseException:
             self._close()
             raise
@@ -152,6 +199,7 @@ class Backend:
         ok, why = self.available()
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
+        self.info = None  # not a classifier: no input spec
         try:
             self._load_graph()
         except BaseException:
@@ -170,7 +218,12 @@ class Backend:
 
     # -- hooks -----------------------------------------------------------------------------
 
-    def _load(self) -> InputSpec:
+    def _read_info(self) -> ModelInfo:
+        """The info of the file this instance runs (hook: the torch backend reads the
+        ``.onnx`` beside its program)."""
+        return read_info(self.path)
+
+    def _load(self, info: ModelInfo) -> InputSpec:
         raise NotImplementedError
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -188,7 +241,7 @@ class Backend:
 class DeviceResident(abc.ABC):
     """A backend that can keep a batch on its device, for compute-only timing.
 
-    Mixed into a Backend it sets ``device_resident``, which the bench reads (a
+    Mixed into a Backend it makes ``device_resident`` true, which the bench reads (a
     backend that is device-resident only on some devices overrides it).
 
     :meth:`stage` copies a batch to the device once; :meth:`run_device_resident`
@@ -196,8 +249,6 @@ class DeviceResident(abc.ABC):
     the synchronization that ends the run); :meth:`fetch` copies the logits
     of the last run to the host.
     """
-
-    device_resident = True
 
     @abc.abstractmethod
     def stage(self, batch: np.ndarray) -> None: ...
@@ -207,6 +258,38 @@ class DeviceResident(abc.ABC):
 
     @abc.abstractmethod
     def fetch(self) -> np.ndarray: ...
+
+
+def refuse_asymmetric_int8(backend: str, info: ModelInfo) -> None:
+    """BackendUnavailable when ``info`` is an int8 file TensorRT's parser would reject
+    (what :attr:`Backend.symmetric_int8_only` asks :meth:`Backend.load` to check).
+
+    TensorRT quantizes symmetrically: every Q/DQ zero point must be an int8 zero.
+    convforge's ``--int8-target cpu`` export (uint8 activations with zero points,
+    ONNX Runtime's fast CPU scheme) is not; ``--int8-target tensorrt`` is.
+    """
+    if info.precision != "int8":
+        return
+    asymmetric = info.int8_symmetric is False or (
+        info.int8_symmetric is None and info.int8_target == "cpu"
+    )
+    if asymmetric:
+        what = (
+            "an int8 export for the cpu target (uint8 activations with zero points)"
+            if info.int8_target == "cpu"
+            else "int8 with non-zero or uint8 zero points"
+        )
+        raise BackendUnavailable(
+            f"{backend} cannot run {Path(info.path).name}: it is {what}, which TensorRT "
+            "rejects (symmetric int8 only); re-export with --int8-target tensorrt"
+        )
+
+
+def tune_profile(batch_size: int, batch_sizes) -> dict:
+    """The batch-profile options (:class:`~.options.BatchProfile`) a TensorRT backend is
+    tuned with at ``batch_size``: one engine tuned for that batch (opt) that still takes
+    every size in ``batch_sizes``."""
+    return {"min_batch": 1, "opt_batch": batch_size, "max_batch": max(batch_sizes)}
 
 
 def check_batch(batch, spec: InputSpec, dtypes=(np.float32,)) -> None:

@@ -9,7 +9,8 @@
 strings or JSON scalars from ``--set ort-cpu.threads=2``) into that dataclass
 or a one-line UserError: an unknown key lists the accepted ones; a value of
 the wrong type, outside ``choices`` or below ``minimum`` names the option and
-what it takes. Booleans accept true/false, yes/no, on/off and 1/0.
+what it takes (``ort-cpu option threads must be a positive integer, got 0``).
+Booleans accept true/false, yes/no, on/off and 1/0.
 :class:`BatchProfile` is the TensorRT optimisation profile both TensorRT
 backends share, with one default.
 """
@@ -18,15 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass
 
-from convforge.errors import UserError, check_choice
-from convforge.settings import setting
+from convforge.errors import UserError
+from convforge.settings import parse, setting, unwrap
 
-TRUE = ("true", "1", "yes", "on")
-FALSE = ("false", "0", "no", "off")
 DEFAULT_OPT_BATCH = 8  # the batch TensorRT tunes for unless told (capped at max_batch)
 
 
@@ -36,21 +34,16 @@ class NoOptions:
 
 
 def parse_options(cls: type, given: dict, backend: str):
-    """An instance of options dataclass ``cls`` from ``given``; UserError naming what is wrong."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        accepted = ", ".join(fields) or "none"
+    """An instance of options dataclass ``cls`` from ``given``
+    (:func:`convforge.settings.parse`); UserError naming what is wrong."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:  # said here: "has no option" is what a backend's users know
         raise UserError(
             f"backend {backend!r} has no option {', '.join(map(repr, unknown))}; "
-            f"accepted: {accepted}"
+            f"accepted: {', '.join(names) or 'none'}"
         )
-    hints = typing.get_type_hints(cls)
-    values = {
-        name: _coerce(f"{backend} option {name}", value, hints[name], fields[name].metadata)
-        for name, value in given.items()
-    }
-    return cls(**values)
+    return parse(cls, given, f"{backend} option ")
 
 
 def option_rows(cls: type) -> list[dict]:
@@ -58,7 +51,7 @@ def option_rows(cls: type) -> list[dict]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        kind, optional = _unwrap(hints[f.name])
+        kind, _ = unwrap(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         choices = f.metadata.get("choices")
         rows.append(
@@ -70,69 +63,6 @@ def option_rows(cls: type) -> list[dict]:
             }
         )
     return rows
-
-
-def _unwrap(annotation) -> tuple[type, bool]:
-    """``int | None`` -> (int, True); ``int`` -> (int, False)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0], True
-    return annotation, False
-
-
-def _coerce(what: str, value, annotation, meta):
-    kind, optional = _unwrap(annotation)
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{what} needs a value")
-    if kind is bool:
-        out = _boolean(what, value)
-    elif kind is int:
-        out = _integer(what, value)
-    elif kind is float:
-        out = _number(what, value)
-    else:  # str (a path given as a Path is a string too)
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise UserError(f"{what} takes a string, got {value!r}")
-        out = str(value)
-    if meta.get("choices"):
-        check_choice(what, out, meta["choices"])
-    if meta.get("minimum") is not None and out < meta["minimum"]:
-        raise UserError(f"{what} must be >= {meta['minimum']}, got {out!r}")
-    return out
-
-
-def _boolean(what: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in TRUE:
-        return True
-    if text in FALSE:
-        return False
-    raise UserError(f"{what} takes true or false (also yes/no, on/off, 1/0), got {value!r}")
-
-
-def _integer(what: str, value) -> int:
-    if isinstance(value, bool):
-        raise UserError(f"{what} takes an integer, got {value!r}")
-    if hasattr(value, "__index__"):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)
-    raise UserError(f"{what} takes an integer, got {value!r}")
-
-
-def _number(what: str, value) -> float:
-    if isinstance(value, bool):
-        raise UserError(f"{what} takes a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{what} takes a number, got {value!r}") from None
 
 
 PROFILE_OPTIONS = ("min_batch", "opt_batch", "max_batch")  # BatchProfile's fields

@@ -1,11 +1,11 @@
-"""ONNX Runtime on the CPU (``ort-cpu``), and what every ONNX Runtime backend shares:
-reading the file, creating the session, the core count.
+"""ONNX Runtime on the CPU (``ort-cpu``).
 
 It runs an ``.onnx`` image classifier (input and output names from the graph;
 float32, float16 or uint8 input; any precision), or, through ``load_graph``,
 any ONNX graph. The input spec and the precision come from the file itself
-(:func:`convforge.contract.read_info`). The GPU execution providers are in
-:mod:`.ort_gpu`.
+(:func:`convforge.contract.read_info`). What every ONNX Runtime backend shares
+is in :mod:`.ort_session`; the GPU execution providers are :mod:`.ort_cuda` and
+:mod:`.ort_trt`.
 
 onnxruntime is imported inside functions only, so ``convforge.runtime`` imports
 without it.
@@ -19,21 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import graph_precision, load_onnx, read_info
-from convforge.errors import UserError
-from convforge.extras import install_hint
-from convforge.runtime.backends.base import Backend, BackendUnavailable, InputSpec
+from convforge.contract import ModelInfo, graph_precision, load_onnx
+from convforge.errors import UserError, first_line
+from convforge.runtime.backends.base import Backend, InputSpec
+from convforge.runtime.backends.ort_session import create_session, ort_importable
 from convforge.settings import setting
 
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
-
-
-def _ort_importable() -> tuple[bool, str]:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False, f"onnxruntime is not installed: {install_hint('onnxruntime')}"
-    return True, ""
 
 
 def physical_cores() -> tuple[int, str]:
@@ -63,50 +55,15 @@ def physical_cores() -> tuple[int, str]:
     return max(1, os.cpu_count() or 1), "os.cpu_count() (logical; topology unknown)"
 
 
-def _read_info(backend: Backend):
-    info = read_info(backend.path)
-    backend.precision = info.precision
-    backend.info = info  # input and output names come from the graph
-    return info
-
-
-def _first_line(e: Exception) -> str:
-    """The first line of an ONNX Runtime error (its messages run to many lines)."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def _session(backend: Backend, sess_options, providers, required: str | None):
-    """Create the InferenceSession; BackendUnavailable if ``required`` did not make it in."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(backend.path, sess_options=sess_options, providers=providers)
-    except Exception as e:  # ORT raises its own Fail/InvalidArgument/RuntimeException types
-        first = _first_line(e)
-        if required is not None:
-            raise BackendUnavailable(f"{backend.name}: could not create a session: {first}") from e
-        raise UserError(f"{backend.name}: onnxruntime cannot load {backend.path}: {first}") from e
-    if required is not None and required not in session.get_providers():
-        raise BackendUnavailable(
-            f"backend {backend.name!r} is not available: {required} did not load "
-            f"(session providers: {', '.join(session.get_providers())}); "
-            "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs"
-        )
-    names = [i.name for i in session.get_inputs()]
-    if backend.info is None:  # load_graph: any graph
-        return session
-    if backend.info.input_name not in names:  # read_info and ORT disagree: say so, in one line
-        raise UserError(
-            f"{backend.path}: expected an input named {backend.info.input_name!r}, got {names}"
-        )
-    return session
-
-
 class OrtCpu(Backend):
     """ONNX Runtime on the CPU execution provider; execution is sequential (one inter-op
     thread), intra-op threads default to the physical cores this process may use."""
 
     name = "ort-cpu"
+    library = "onnxruntime"
+    extra = "cpu"
+    gpu = False
+    numeric_options = ("graph_optimization",)
 
     @dataclass(frozen=True)
     class Options:
@@ -132,7 +89,14 @@ class OrtCpu(Backend):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        return _ort_importable()
+        return ort_importable()
+
+    @classmethod
+    def tune_variants(cls, batch_size: int, batch_sizes, fp32: bool) -> list[dict]:
+        """Threads (all physical cores, the default, and 1) x graph optimization level
+        (all, basic)."""
+        threads = [{}, {"threads": 1}] if physical_cores()[0] > 1 else [{}]
+        return [{**t, "graph_optimization": g} for g in ("all", "basic") for t in threads]
 
     def session_options(self):
         import onnxruntime as ort
@@ -152,9 +116,8 @@ class OrtCpu(Backend):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return so
 
-    def _load(self) -> InputSpec:
-        info = _read_info(self)
-        self.session = _session(self, self.session_options(), ["CPUExecutionProvider"], None)
+    def _load(self, info: ModelInfo) -> InputSpec:
+        self.session = create_session(self, self.session_options(), ["CPUExecutionProvider"], None)
         self._output = info.output_name
         return info.spec
 
@@ -164,14 +127,13 @@ class OrtCpu(Backend):
 
     def _load_graph(self) -> None:
         self.precision = graph_precision(load_onnx(self.path, weights=False))
-        self.info = None  # not a classifier: no input spec
-        self.session = _session(self, self.session_options(), ["CPUExecutionProvider"], None)
+        self.session = create_session(self, self.session_options(), ["CPUExecutionProvider"], None)
 
     def run_feeds(self, feeds: dict) -> list:
         try:
             return self.session.run(None, feeds)
         except Exception as e:  # ORT's own errors (a shape the graph refuses): one line
-            raise UserError(f"onnxruntime could not run {self.path}: {_first_line(e)}") from None
+            raise UserError(f"onnxruntime could not run {self.path}: {first_line(e)}") from None
 
     def _close(self) -> None:
         self.session = None

@@ -1,5 +1,5 @@
-"""ONNX Runtime on NVIDIA GPUs: ``ort-cuda`` (CUDA execution provider) and ``ort-trt``
-(TensorRT execution provider, CUDA for what TensorRT does not take).
+"""What ``ort-cuda`` (:mod:`.ort_cuda`) and ``ort-trt`` (:mod:`.ort_trt`) share: ONNX
+Runtime's GPU providers behind IO binding (:class:`OrtGpu`), and loading their libraries.
 
 They run what ``ort-cpu`` runs (:mod:`.ort`) and keep batches on the device for
 compute-only timing (:class:`~.base.DeviceResident`). They never fall back to
@@ -16,51 +16,24 @@ Before the first GPU session of the process, :func:`preload_libraries` loads the
 CUDA and cuDNN libraries that pip installed (``onnxruntime.preload_dlls``) and,
 for ``ort-trt``, imports ``tensorrt`` (which loads ``libnvinfer``), so that the
 providers find them without torch having loaded them first.
-
-``ort-trt`` keeps one engine-cache folder per ONNX file content (its sha256):
-ONNX Runtime names a cached engine from the graph's node and tensor names and
-version numbers, never from the weights, so two exports of one architecture
-would otherwise share an engine and a retrained model would silently run the
-old weights. Inside it the engine files are prefixed with the optimisation
-profile and the ONNX Runtime and TensorRT versions (:func:`engine_cache_prefix`).
-It refuses an int8 file whose Q/DQ is not symmetric int8 (the ``cpu`` export
-target): TensorRT's parser rejects non-zero zero points. On an fp32 file it runs
-TF32 and says so (``precision == "tf32"``): ONNX Runtime's TensorRT provider
-leaves TensorRT's TF32 builder flag on and has no option to clear it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
-import os
-import re
 import sys
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import sha256_of
-from convforge.errors import UserError
+from convforge.contract import ModelInfo
+from convforge.extras import extra_hint
 from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
-from convforge.runtime.backends.options import BatchProfile
-from convforge.runtime.backends.ort import _ort_importable, _read_info, _session
-from convforge.runtime.backends.tensorrt import refuse_asymmetric_int8
-from convforge.settings import setting
+from convforge.runtime.backends.ort_session import create_session, ort_importable
 
-CONV_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-NO_CUDA = (
-    "onnxruntime has no CUDA execution provider (it needs a CUDA GPU and the "
-    "onnxruntime-gpu build: pip install 'convforge[gpu]')"
-)
-NO_TRT = (
-    "onnxruntime has no TensorRT execution provider (it needs a CUDA GPU, the "
-    "onnxruntime-gpu build and TensorRT: pip install 'convforge[gpu,tensorrt]')"
-)
-DEFAULT_TRT_CACHE = "~/.cache/convforge/ort-trt"
+__all__ = ["OrtGpu", "preload_libraries"]
+
 # A session output's ONNX type -> the numpy type of the device buffer bound to it. A type
 # numpy cannot name (bfloat16) gets a buffer onnxruntime allocates.
 OUTPUT_TYPES = {
@@ -68,33 +41,12 @@ OUTPUT_TYPES = {
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
-# Where TensorRT's own version can be asked when the tensorrt module is not importable:
-# getInferLibVersion() is extern "C" in every libnvinfer (NvInferRuntimeBase.h).
-NVINFER_LIBRARIES = (
-    "libnvinfer.so.10",
-    "libnvinfer.so.11",
-    "libnvinfer.so",
-    "nvinfer_10.dll",
-    "nvinfer_11.dll",
-)
-
 _preloaded: set[str] = set()  # what preload_libraries has done in this process
 # Held while stdout is redirected (preload_dlls, session creation). The redirect is
 # process-wide and serve loads instances from several threads: two at once would restore
 # each other's stream. So one GPU session is created at a time; a second ort-trt instance
 # then finds the engine the first one cached instead of building it into the same file.
 _stdout_lock = threading.Lock()
-
-
-def _has_provider(provider: str, missing: str) -> tuple[bool, str]:
-    ok, why = _ort_importable()
-    if not ok:
-        return ok, why
-    import onnxruntime as ort
-
-    if provider not in ort.get_available_providers():
-        return False, missing
-    return True, ""
 
 
 def preload_libraries(tensorrt: bool) -> None:
@@ -128,24 +80,6 @@ def preload_libraries(tensorrt: bool) -> None:
                 import tensorrt  # noqa: F401
 
 
-def tensorrt_version() -> str:
-    """The TensorRT version the TensorRT provider runs with, for the engine cache key:
-    ``tensorrt.__version__`` once :func:`preload_libraries` imported it, else libnvinfer's
-    ``getInferLibVersion()`` ((major * 100 + minor) * 100 + patch from TensorRT 10), else
-    ``unknown``. onnxruntime's build information does not name TensorRT
-    (``get_build_info()`` and ``capi/build_and_package_info.py`` hold its own version and
-    CUDA's only)."""
-    version = getattr(sys.modules.get("tensorrt"), "__version__", None)
-    if version:
-        return str(version)
-    for name in NVINFER_LIBRARIES:
-        try:
-            return str(int(ctypes.CDLL(name).getInferLibVersion()))
-        except (OSError, AttributeError):
-            continue
-    return "unknown"
-
-
 def _ep_error(printed: str) -> str:
     """onnxruntime's reason for a provider failure, from what InferenceSession printed
     ("EP Error <reason> when using [...]"; its banner lines start with '*'), or ''."""
@@ -155,7 +89,7 @@ def _ep_error(printed: str) -> str:
     return ""
 
 
-class _OrtGpu(Backend, DeviceResident):
+class OrtGpu(Backend, DeviceResident):
     """IO-binding runner shared by the CUDA and TensorRT backends.
 
     Inputs and outputs live on the GPU as OrtValues bound to the session:
@@ -175,8 +109,11 @@ class _OrtGpu(Backend, DeviceResident):
     :meth:`Backend.run` promises.
     """
 
-    provider = ""
-    missing = ""
+    library = "onnxruntime"
+    gpu = True
+    provider = ""  # the execution provider it runs on, e.g. "CUDAExecutionProvider"
+    provider_label = ""  # and what a person calls it, e.g. "CUDA"
+    needs = ""  # what that provider needs, said when onnxruntime does not have it
     loads_tensorrt = False  # preload TensorRT's library before the session
 
     def __init__(self, path: str, **options) -> None:
@@ -190,7 +127,17 @@ class _OrtGpu(Backend, DeviceResident):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        return _has_provider(cls.provider, cls.missing)
+        ok, why = ort_importable()
+        if not ok:
+            return ok, why
+        import onnxruntime as ort
+
+        if cls.provider not in ort.get_available_providers():
+            return False, (
+                f"onnxruntime has no {cls.provider_label} execution provider "
+                f"(it needs {cls.needs}: {extra_hint(cls.extra)})"
+            )
+        return True, ""
 
     def _providers(self) -> list:
         raise NotImplementedError
@@ -203,11 +150,11 @@ class _OrtGpu(Backend, DeviceResident):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         return so
 
-    def _load(self) -> InputSpec:
-        spec = self._check_file(_read_info(self))
+    def _load(self, info: ModelInfo) -> InputSpec:
+        spec = self._check_file(info)
         preload_libraries(tensorrt=self.loads_tensorrt)
         self.session = self._create_session(self._providers())
-        out = next(o for o in self.session.get_outputs() if o.name == self.info.output_name)
+        out = next(o for o in self.session.get_outputs() if o.name == info.output_name)
         self._output = out.name
         self._output_type = OUTPUT_TYPES.get(out.type)
         k = out.shape[1] if len(out.shape) == 2 else None
@@ -225,7 +172,7 @@ class _OrtGpu(Backend, DeviceResident):
             # InferenceSession prints its "EP Error" banner: read it for the reason, keep it
             # off stdout (a command's JSON goes there), show it on stderr.
             with _stdout_lock, contextlib.redirect_stdout(printed):
-                session = _session(self, self._session_options(), providers, self.provider)
+                session = create_session(self, self._session_options(), providers, self.provider)
         except BackendUnavailable as e:
             reason = _ep_error(printed.getvalue())
             raise BackendUnavailable(f"{e}; onnxruntime: {reason}" if reason else str(e)) from e
@@ -241,7 +188,7 @@ class _OrtGpu(Backend, DeviceResident):
             )
         return session
 
-    def _check_file(self, info) -> InputSpec:
+    def _check_file(self, info: ModelInfo) -> InputSpec:
         """Hook: refuse a file this provider cannot run (BackendUnavailable); the input spec."""
         return info.spec
 
@@ -328,220 +275,3 @@ class _OrtGpu(Backend, DeviceResident):
         if self.session is not None:
             d["providers"] = self.session.get_providers()
         return d
-
-
-class OrtCuda(_OrtGpu):
-    """ONNX Runtime on the CUDA execution provider only, with IO binding.
-
-    With ``cuda_graph`` the whole run is captured in a CUDA graph on the first
-    call and replayed after: an instance then runs ONE batch size (the first it
-    ran; another is a UserError) and every run reuses the same device buffers,
-    which :meth:`stage` does. :attr:`single_batch_size` says so, and the bench
-    loads one instance per batch size. The replay writes to the output buffer
-    it captured, so a file whose output buffer cannot be allocated up front
-    (shape [N, K] with K unknown, or a type numpy cannot name) is refused.
-    """
-
-    name = "ort-cuda"
-    provider = "CUDAExecutionProvider"
-    missing = NO_CUDA
-
-    @dataclass(frozen=True)
-    class Options:
-        cuda_graph: bool = setting(False, "capture and replay a CUDA graph (one batch size)")
-        cudnn_conv_algo_search: str = setting(
-            "EXHAUSTIVE", "cuDNN convolution algorithm search", choices=CONV_ALGO_SEARCHES
-        )
-        device_id: int = setting(0, "CUDA device", minimum=0)
-        tf32: bool = setting(False, "let fp32 convolutions use TF32 (ONNX Runtime's default)")
-
-    def __init__(self, path: str, **options) -> None:
-        super().__init__(path, **options)
-        self.cuda_graph = self.options.cuda_graph
-        self.conv_algo = self.options.cudnn_conv_algo_search
-
-    @property
-    def single_batch_size(self) -> bool:
-        return self.cuda_graph
-
-    def _load(self) -> InputSpec:
-        spec = super()._load()
-        if self.cuda_graph and (self._classes is None or self._output_type is None):
-            # ONNX Runtime's CUDA graphs replay into the output addresses bound at capture
-            # (CUDA-ExecutionProvider docs, "Using CUDA Graphs"): a buffer ORT allocates per
-            # run could move.
-            out = next(o for o in self.session.get_outputs() if o.name == self._output)
-            raise UserError(
-                f"{self.name} with cuda_graph=True needs an output it can allocate up front "
-                f"([N, K], float32/float16/float64); {Path(self.path).name}'s output "
-                f"{out.name!r} is {out.type} {list(out.shape)}: load it without cuda_graph"
-            )
-        return spec
-
-    def _check_file(self, info) -> InputSpec:
-        if self.options.tf32 and info.precision == "fp32":
-            self.precision = "tf32"
-        return info.spec
-
-    def provider_options(self) -> dict:
-        return {
-            "device_id": str(self.device_id),
-            "cudnn_conv_algo_search": self.conv_algo,
-            "enable_cuda_graph": "1" if self.cuda_graph else "0",
-            # ONNX Runtime's use_tf32 defaults to 1; off, fp32 means fp32.
-            "use_tf32": "1" if self.options.tf32 else "0",
-        }
-
-    def _providers(self) -> list:
-        return [(self.provider, self.provider_options())]
-
-    def _check_batch_size(self, n: int) -> None:
-        if self.cuda_graph and self._buffers and n not in self._buffers:
-            (first,) = self._buffers
-            raise UserError(
-                f"{self.name} with cuda_graph=True runs one fixed batch size ({first}); "
-                f"got {n}: load another backend for another size"
-            )
-
-    def describe(self) -> dict:
-        d = super().describe()
-        d.update(
-            cuda_graph=self.cuda_graph,
-            cudnn_conv_algo_search=self.conv_algo,
-            tf32=self.options.tf32,
-        )
-        return d
-
-
-class OrtTensorRT(_OrtGpu):
-    """ONNX Runtime on the TensorRT execution provider (CUDA EP second, for leftovers).
-
-    The TensorRT optimisation profile for ``input`` is the shared
-    :class:`~.options.BatchProfile`; a batch outside [min_batch, max_batch] is
-    a UserError. A file whose batch dimension is fixed at b gets the profile
-    (b, b, b), and a min_batch/opt_batch/max_batch set to anything else is a
-    UserError (:meth:`~.options.BatchProfile.for_file`, shared with ``tensorrt``).
-    Engines are cached under ``cache_dir/<sha256 of the file>/``, their names
-    prefixed with the profile and the ONNX Runtime and TensorRT versions (see
-    the module docstring); the timing cache, which is per GPU and TensorRT
-    version rather than per model, is shared in ``cache_dir``.
-    FP16 (or INT8, for a symmetric QDQ export) is enabled only when the file's
-    own precision says so: the precision comes from the file, never from an
-    option. An fp32 file runs, and is labelled, ``tf32``.
-    """
-
-    name = "ort-trt"
-    provider = "TensorrtExecutionProvider"
-    missing = NO_TRT
-    loads_tensorrt = True
-
-    @dataclass(frozen=True)
-    class Options(BatchProfile):
-        cache_dir: str = setting(DEFAULT_TRT_CACHE, "engine and timing caches")
-        device_id: int = setting(0, "CUDA device", minimum=0)
-
-    def __init__(self, path: str, **options) -> None:
-        super().__init__(path, **options)
-        self.min_batch, self.opt_batch, self.max_batch = self.options.profile(self.name)
-        self.cache_dir = str(Path(self.options.cache_dir).expanduser())
-        self.engine_cache: str | None = None  # cache_dir/<sha256 of the ONNX file>, set by load
-        self.engine_prefix: str | None = None  # engine file prefix, set with provider options
-
-    def provider_options(self) -> dict:
-        """The TensorRT provider's options (load's first steps set what they need)."""
-        import onnxruntime as ort
-
-        if self.spec is None:
-            raise RuntimeError(f"{self.name}: provider options need the input spec (load first)")
-
-        def shape(n: int) -> str:  # in the file's layout (NHWC for a uint8-input file)
-            return f"{self.info.input_name}:" + "x".join(map(str, self.spec.shape(n)))
-
-        profile = (self.min_batch, self.opt_batch, self.max_batch)
-        self.engine_prefix = engine_cache_prefix(profile, ort.__version__, tensorrt_version())
-        return {
-            "device_id": str(self.device_id),
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": self.engine_cache,
-            # ORT reuses a cached engine only under the same prefix (onnxruntime >= 1.17).
-            "trt_engine_cache_prefix": self.engine_prefix,
-            "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": self.cache_dir,
-            "trt_fp16_enable": "True" if self.precision == "fp16" else "False",
-            "trt_int8_enable": "True" if self.precision == "int8" else "False",
-            "trt_profile_min_shapes": shape(self.min_batch),
-            "trt_profile_opt_shapes": shape(self.opt_batch),
-            "trt_profile_max_shapes": shape(self.max_batch),
-        }
-
-    def _providers(self) -> list:
-        return [
-            (self.provider, self.provider_options()),
-            ("CUDAExecutionProvider", {"device_id": str(self.device_id)}),
-        ]
-
-    def _check_file(self, info) -> InputSpec:
-        refuse_asymmetric_int8(self.name, info)
-        # (b, b, b) for a batch fixed at b, as the tensorrt backend builds: the only profile
-        # its engine can have (ONNX Runtime gives TensorRT a static dimension's own value
-        # whatever the profile shapes say), so the shapes, describe(), the cache key and
-        # the batch check say what runs. A batch option set to another value: UserError.
-        self.min_batch, self.opt_batch, self.max_batch = self.options.for_file(
-            self.name, info, self._given
-        )
-        if info.precision == "fp32":
-            # Why a label and not NVIDIA_TF32_OVERRIDE=0: ONNX Runtime's TensorRT provider
-            # sets no TF32 flag of its own, so TensorRT's default (kTF32 on) holds, and it
-            # has no option to clear it (onnxruntime issues #26029, #28177; PR #26035 is
-            # not merged). The variable would act process-wide on every NVIDIA library
-            # (cuDNN/cuBLAS under ort-cuda and torch too), only if set before they read it
-            # (a session created earlier in the process keeps the old value), and NVIDIA
-            # documents it as a debugging tool. The label says what may run (TF32 where the
-            # GPU has it, as tensorrt's tf32 option does) and tune's records carry it.
-            self.precision = "tf32"
-        # provider_options() needs the spec and the cache folder before the session exists.
-        self.spec = info.spec
-        self.engine_cache = engine_cache_dir(self.cache_dir, self.path)
-        os.makedirs(self.engine_cache, exist_ok=True)
-        return info.spec
-
-    def _check_batch_size(self, n: int) -> None:
-        if not self.min_batch <= n <= self.max_batch:
-            raise UserError(
-                f"{self.name}: batch size {n} is outside the TensorRT profile "
-                f"[{self.min_batch}, {self.max_batch}]; load with min_batch/max_batch covering it"
-            )
-
-    def describe(self) -> dict:
-        d = super().describe()
-        d.update(
-            min_batch=self.min_batch,
-            opt_batch=self.opt_batch,
-            max_batch=self.max_batch,
-            cache_dir=self.cache_dir,
-            engine_cache=self.engine_cache,
-            engine_prefix=self.engine_prefix,
-            fp16=self.precision == "fp16",
-            int8=self.precision == "int8",
-            tf32=self.precision == "tf32",
-        )
-        return d
-
-
-def engine_cache_dir(cache_dir: str, path: str) -> str:
-    """``cache_dir/<sha256 of the file at path>``: one engine folder per model content."""
-    return str(Path(cache_dir) / sha256_of(path))
-
-
-def engine_cache_prefix(profile: tuple[int, int, int], ort_version: str, trt_version: str) -> str:
-    """The engine file prefix inside a file's cache folder: its (min, opt, max) profile and
-    the ONNX Runtime and TensorRT versions, as ``b1-8-32_ort1.22.0_trt10.9.0.34``.
-
-    ONNX Runtime's TensorRT provider documents that cached engines must be cleaned when
-    either version changes (it does not check), and rebuilds and overwrites an engine
-    whose explicit profile differs: keyed, a max_batch=256 engine and the default one
-    each keep their own file and no upgrade loads a stale one. Characters outside
-    ``[A-Za-z0-9._-]`` become ``-``.
-    """
-    raw = f"b{'-'.join(str(int(b)) for b in profile)}_ort{ort_version}_trt{trt_version}"
-    return re.sub(r"[^A-Za-z0-9._-]", "-", raw)

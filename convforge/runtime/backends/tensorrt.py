@@ -5,39 +5,22 @@
         b.stage(batch); b.run_device_resident(); b.fetch()   # compute-only timing
         out = b.run_device(cuda_tensor)   # a torch CUDA tensor in, zero-copy (torch optional)
 
-Build (TensorRT 10.x and 11.x Python API): ``trt.Builder`` -> ``create_network`` ->
-``trt.OnnxParser.parse_from_file`` -> one optimization profile over the batch range of
-input ``input`` (the shared :class:`~.options.BatchProfile`; C, H, W from the file; a
-file whose batch dimension is fixed at b gets (b, b, b), as TensorRT requires of a static
-dimension, and a batch option that says otherwise is a UserError) ->
-``create_builder_config`` with a timing cache kept in the cache dir ->
-``build_serialized_network`` -> ``trt.Runtime(logger).deserialize_cuda_engine``. A file
-TensorRT cannot parse, a profile it rejects, a failed build or an engine that does not
-deserialize is :class:`BackendUnavailable`: ``auto`` records why and moves on, a backend
-asked for by name fails with that line.
-
-Precision comes from the ONNX itself (fp16 tensors, or Q/DQ int8 from ``convforge
-export --int8-target tensorrt``), never from builder flags: TensorRT 11 removed
-``BuilderFlag.FP16``/``INT8`` and always builds strongly typed networks, and TensorRT's
-explicit-quantization guide says precision flags "should not be specified" with strong
-typing. On 10.x the network is created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
-(present since 9.x); on 11.x the flag is deprecated and ignored, so none is passed.
-An int8 file whose Q/DQ is not symmetric int8 (the ``cpu`` export target: uint8
-activations with zero points) is refused before the build: TensorRT's parser rejects
-non-zero zero points.
+The engine is built from the file and cached by :mod:`.tensorrt_engine` for one
+optimization profile over the batch range of the file's input (the shared
+:class:`~.options.BatchProfile`; a file whose batch dimension is fixed at b gets (b, b,
+b), and a batch option that says otherwise is a UserError); precision comes from the ONNX
+itself, never from builder flags. An int8 file whose Q/DQ is not symmetric int8 (the
+``cpu`` export target: uint8 activations with zero points) is refused before the build
+(:attr:`~.base.Backend.symmetric_int8_only`): TensorRT's parser rejects non-zero zero
+points.
 
 Checked at every step, since TensorRT reports failure by return value, not exception:
-``set_input_shape``, ``set_tensor_address``, ``set_timing_cache`` and ``execute_async_v3``
-return False on failure, ``add_optimization_profile`` -1, ``build_serialized_network``
-and ``deserialize_cuda_engine`` None; each is checked. An unreadable timing cache is
-discarded with a warning and rebuilt, and so is a cached engine that does not
-deserialize. Tensor addresses must be device memory with at least 256-byte alignment
-(``IExecutionContext::setTensorAddress``): this backend's own buffers come from
+``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` return False on
+failure; each is checked. Tensor addresses must be device memory with at least 256-byte
+alignment (``IExecutionContext::setTensorAddress``): this backend's own buffers come from
 ``cudaMalloc``; a caller's torch tensor is checked before binding. TensorRT needs an
 address for every I/O tensor: outputs other than the class scores (the file's ``output``)
-go to scratch buffers. One ``trt.Logger``
-serves the whole process (TensorRT keeps one logger pointer; a second one makes it log
-that the loggers differ).
+go to scratch buffers.
 
 Device memory and the stream come from cuda-python (``cuda.bindings.runtime``, or
 ``cuda.cudart`` before cuda-python 12.6.1), which the ``tensorrt`` extra installs:
@@ -50,27 +33,29 @@ the engine goes when the last instance sharing it closes. Each thread that uses 
 instance sets CUDA's current device to ``device_id`` first.
 
 Engines are cached under ``~/.cache/convforge/tensorrt/`` (option ``cache_dir``), keyed
-by :func:`engine_cache_key` (sha256 of the ONNX bytes, GPU name, TensorRT version,
-profile) and written atomically once they deserialize. TensorRT and cuda-python are imported
-only inside functions.
+by :func:`~.tensorrt_engine.engine_cache_key` (sha256 of the ONNX bytes, GPU name,
+TensorRT version, profile). TensorRT and cuda-python are imported only inside functions.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import threading
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from convforge.contract import ModelInfo, read_info
+from convforge.contract import ModelInfo
 from convforge.errors import UserError
-from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
+from convforge.extras import extra_hint
+from convforge.runtime.backends.base import (
+    Backend,
+    BackendUnavailable,
+    DeviceResident,
+    InputSpec,
+    tune_profile,
+)
 from convforge.runtime.backends.cuda_runtime import (
     ALIGNMENT,
     Allocation,
@@ -79,15 +64,13 @@ from convforge.runtime.backends.cuda_runtime import (
     cudart,
 )
 from convforge.runtime.backends.options import BatchProfile
+from convforge.runtime.backends.tensorrt_engine import EngineSpec, SharedEngine, load_engine
 from convforge.settings import setting
 
-# Where TensorRT comes from: NVIDIA's package index (PyPI has the bindings only as wheels;
-# its tensorrt packages are source distributions that fetch the libraries from NVIDIA's
-# index while installing), or a JetPack or NGC container image that ships it.
-WHERE = (
-    "pip install 'convforge[tensorrt]' --extra-index-url https://pypi.nvidia.com, "
-    "or use JetPack or an NGC container, which ship TensorRT"
-)
+# Where TensorRT comes from: the tensorrt extra's hint names NVIDIA's package index (PyPI has
+# the bindings only as wheels; its tensorrt packages are source distributions that fetch the
+# libraries from NVIDIA's index while installing), or a JetPack or NGC container image.
+WHERE = extra_hint("tensorrt")
 INSTALL_HINT = f"tensorrt is not installed: {WHERE}"
 DEFAULT_CACHE_DIR = "~/.cache/convforge/tensorrt"
 
@@ -122,69 +105,6 @@ def tensorrt_import_error() -> str | None:
     return f"tensorrt's Python bindings are installed but do not load ({reason}): {WHERE}"
 
 
-def refuse_asymmetric_int8(backend: str, info: ModelInfo) -> None:
-    """BackendUnavailable when ``info`` is an int8 file TensorRT's parser would reject.
-
-    TensorRT quantizes symmetrically: every Q/DQ zero point must be an int8 zero.
-    convforge's ``--int8-target cpu`` export (uint8 activations with zero points,
-    ONNX Runtime's fast CPU scheme) is not; ``--int8-target tensorrt`` is.
-    """
-    if info.precision != "int8":
-        return
-    asymmetric = info.int8_symmetric is False or (
-        info.int8_symmetric is None and info.int8_target == "cpu"
-    )
-    if asymmetric:
-        what = (
-            "an int8 export for the cpu target (uint8 activations with zero points)"
-            if info.int8_target == "cpu"
-            else "int8 with non-zero or uint8 zero points"
-        )
-        raise BackendUnavailable(
-            f"{backend} cannot run {Path(info.path).name}: it is {what}, which TensorRT "
-            "rejects (symmetric int8 only); re-export with --int8-target tensorrt"
-        )
-
-
-def engine_cache_key(
-    onnx_bytes: bytes, gpu_name: str, trt_version: str, profile: tuple[int, int, int]
-) -> str:
-    """The engine's cache file stem: changes with the model, the GPU, TensorRT and profile."""
-    h = hashlib.sha256()
-    h.update(hashlib.sha256(onnx_bytes).digest())
-    for part in (gpu_name, trt_version, "x".join(str(int(b)) for b in profile)):
-        h.update(b"\0" + part.encode())
-    return h.hexdigest()
-
-
-def _major(version: str) -> int:
-    try:
-        return int(version.split(".")[0])
-    except ValueError:
-        return 0
-
-
-def network_flags(trt) -> int:
-    """create_network flags for this TensorRT: strongly typed on 10.x, none on 11.x."""
-    flags_enum = trt.NetworkDefinitionCreationFlag
-    major = _major(trt.__version__)
-    if major >= 11:
-        return 0  # 11.x: always strongly typed and explicit batch; the flags are ignored
-    if hasattr(flags_enum, "STRONGLY_TYPED"):
-        return 1 << int(flags_enum.STRONGLY_TYPED)
-    if major < 10 and hasattr(flags_enum, "EXPLICIT_BATCH"):
-        return 1 << int(flags_enum.EXPLICIT_BATCH)
-    return 0
-
-
-@functools.cache
-def logger():
-    """The process's one ``trt.Logger`` (WARNING): every Builder and Runtime gets this one."""
-    import tensorrt as trt
-
-    return trt.Logger(trt.Logger.WARNING)
-
-
 def bind(context, name: str, address: int) -> None:
     """``set_tensor_address`` for ``name``; RuntimeError if TensorRT refuses it."""
     if address % ALIGNMENT:
@@ -202,66 +122,13 @@ def set_shape(context, name: str, shape: tuple[int, ...]) -> None:
         raise UserError(f"TensorRT rejected input shape {list(shape)} (see its log)")
 
 
-def timing_cache(config, path: Path):
-    """A timing cache for ``config`` from ``path``, set on it; an unreadable one is
-    discarded with a warning and a fresh one used (the build then re-times its layers)."""
-    blob = path.read_bytes() if path.is_file() else b""
-    if blob:
-        try:
-            cache = config.create_timing_cache(blob)
-        except Exception:  # noqa: BLE001 (TensorRT raises various types for a corrupt blob)
-            cache = None
-        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
-            return cache
-        warnings.warn(
-            f"discarding the unreadable TensorRT timing cache {path}; it is rebuilt",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    cache = config.create_timing_cache(b"")
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        raise RuntimeError("TensorRT refused a new, empty timing cache (see its log)")
-    return cache
-
-
-class SharedEngine:
-    """A deserialized engine and the runtime it came from, shared by a loaded instance and
-    every :meth:`TensorRT.sibling` made from it.
-
-    TensorRT's runtime and engine may be used by several threads at once provided each uses
-    its own execution context ("How TensorRT Works", TensorRT 11.1: thread safety), so each
-    instance gets one from :meth:`new_context`, counted. :meth:`release`, called once per
-    context on close, drops the engine and then the runtime (TensorRT's order: a runtime
-    outlives its engines, an engine its contexts) when the last one is gone.
-    """
-
-    def __init__(self, runtime, engine) -> None:
-        self.runtime, self.engine = runtime, engine
-        self.users = 0
-        self._lock = threading.Lock()
-
-    def new_context(self):
-        """A new IExecutionContext of the engine, counted as one user of it."""
-        with self._lock:  # TensorRT documents concurrent contexts, not concurrent creation
-            if self.engine is None:
-                raise RuntimeError("the shared TensorRT engine is already released")
-            context = self.engine.create_execution_context()
-            if context is None:
-                raise RuntimeError("TensorRT could not create an execution context (see its log)")
-            self.users += 1
-            return context
-
-    def release(self) -> None:
-        """One context fewer; the last one out drops the engine, then the runtime."""
-        with self._lock:
-            self.users -= 1
-            if self.users <= 0:
-                self.engine = None
-                self.runtime = None
-
-
 class TensorRT(Backend, DeviceResident):
     name = "tensorrt"
+    library = "tensorrt"
+    extra = "tensorrt"
+    gpu = True
+    numeric_options = ("tf32",)
+    symmetric_int8_only = True  # TensorRT's parser rejects non-zero zero points
 
     @dataclass(frozen=True)
     class Options(BatchProfile):
@@ -313,63 +180,37 @@ class TensorRT(Backend, DeviceResident):
             return False, "no CUDA device: cudaGetDeviceCount() is 0"
         return True, ""
 
-    # -- build / load ----------------------------------------------------------------------
+    @classmethod
+    def tune_variants(cls, batch_size: int, batch_sizes, fp32: bool) -> list[dict]:
+        """A TensorRT profile tuned for each batch size and, on an fp32 file, TF32 on and
+        off. fp16 and int8 engines come from the fp16/int8 files given: precision is the
+        file's, never an option."""
+        profile = tune_profile(batch_size, batch_sizes)
+        return [{**profile, "tf32": t} for t in ((False, True) if fp32 else (False,))]
 
-    def _load(self) -> InputSpec:
+    # -- load ------------------------------------------------------------------------------
+
+    def _load(self, info: ModelInfo) -> InputSpec:
         import tensorrt as trt
 
-        from convforge.files import atomic_write, ensure_dir
-
-        info = self.info = read_info(self.path)
         self._input_name = info.input_name  # from the graph (torch's default is input.1)
-        refuse_asymmetric_int8(self.name, info)
         self.profile = self.options.for_file(self.name, info, self._given)
-        tf32 = self.options.tf32 and info.precision == "fp32"
-        self.precision = "tf32" if tf32 else info.precision
+        if self.options.tf32 and info.precision == "fp32":
+            self.precision = "tf32"
         rt = self._rt = cudart()
         self._on_device()
         props = cuda_call(rt, rt.cudaGetDeviceProperties(self.device_id), "device properties")
         name = props.name
         self.gpu_name = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\0")
         self.trt_version = trt.__version__
-
-        key = engine_cache_key(
-            Path(self.path).read_bytes(),
-            self.gpu_name,
-            f"{self.trt_version}{'+tf32' if self.options.tf32 else ''}",
-            self.profile,
+        want = EngineSpec(
+            self.path, info.input_name, info.spec, self.profile, self.options.tf32, self.gpu_name
         )
-        ensure_dir(self.cache_dir)
-        self.engine_path = self.cache_dir / f"{key}.engine"
-        # The runtime must outlive its engine (TensorRT's rule): SharedEngine keeps both.
-        runtime = trt.Runtime(logger())
-        engine = None
-        if self.engine_path.is_file():
-            self.cache_hit = True
-            engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-            if engine is None:  # written by this key's TensorRT and GPU, so damaged: rebuild
-                warnings.warn(
-                    f"TensorRT could not deserialize the cached engine {self.engine_path}; "
-                    "rebuilding it",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        if engine is None:
-            start = time.perf_counter()
-            plan = self._build(trt, info.spec)
-            self.build_seconds = time.perf_counter() - start
-            self.cache_hit = False
-            engine = runtime.deserialize_cuda_engine(plan)
-            if engine is None:
-                raise BackendUnavailable(
-                    f"TensorRT could not deserialize the engine it built for {self.path} "
-                    "(see its log)"
-                )
-            with atomic_write(self.engine_path) as f:  # only an engine that loads is cached
-                f.write(plan)
-
-        self._io_tensors(trt, engine, info)
-        self._shared = SharedEngine(runtime, engine)
+        cached = load_engine(trt, want, self.cache_dir)
+        self.engine_path, self.cache_hit = cached.path, cached.hit
+        self.build_seconds = cached.build_seconds
+        self._io_tensors(trt, cached.shared.engine, info)
+        self._shared = cached.shared
         self._open_context()
         return info.spec
 
@@ -433,52 +274,6 @@ class TensorRT(Backend, DeviceResident):
             raise
         other._loaded = True
         return other
-
-    def _build(self, trt, spec: InputSpec) -> bytes:
-        """Parse the ONNX and build a serialized engine (bytes) for self.profile.
-        BackendUnavailable (``auto`` moves on) when TensorRT cannot parse or build it."""
-        from convforge.files import atomic_write
-
-        builder = trt.Builder(logger())
-        network = builder.create_network(network_flags(trt))
-        parser = trt.OnnxParser(network, logger())
-        if not parser.parse_from_file(str(self.path)):
-            errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-            errors = " ".join((errors or "unknown error").split())  # one line
-            raise BackendUnavailable(f"TensorRT cannot parse {self.path}: {errors}")
-        names = [network.get_input(i).name for i in range(network.num_inputs)]
-        if self._input_name not in names:
-            raise UserError(f"{self.path}: no input named {self._input_name!r} (inputs: {names})")
-
-        config = builder.create_builder_config()
-        if not self.options.tf32:
-            # TF32 is on by default and rounds fp32 products to 10-bit mantissas: fp32 here
-            # means fp32 (the torch backend's tf32 option works the same way).
-            config.clear_flag(trt.BuilderFlag.TF32)
-        profile = builder.create_optimization_profile()
-        lo, opt, hi = self.profile  # per-image shape in the file's layout (NHWC for uint8)
-        shapes = [spec.shape(b) for b in (lo, opt, hi)]
-        what = f"the optimization profile {list(shapes[0])}..{list(shapes[2])} (opt {opt})"
-        try:  # the Python binding raises when a shape contradicts another
-            profile.set_shape(self._input_name, *shapes)
-        except RuntimeError as e:
-            raise BackendUnavailable(f"TensorRT rejected {what} for {self.path}: {e}") from None
-        if config.add_optimization_profile(profile) < 0:  # -1: invalid
-            raise BackendUnavailable(f"TensorRT rejected {what} for {self.path} (see its log)")
-
-        # timing caches are per device and TensorRT version (ignore_mismatch=False checks it)
-        tag = hashlib.sha256(f"{self.gpu_name}\0{trt.__version__}".encode()).hexdigest()[:16]
-        cache_file = self.cache_dir / f"timing-{tag}.cache"
-        cache = timing_cache(config, cache_file)
-
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise BackendUnavailable(
-                f"TensorRT failed to build an engine for {self.path} (see its log)"
-            )
-        with atomic_write(cache_file) as f:
-            f.write(memoryview(cache.serialize()))
-        return bytes(memoryview(serialized))
 
     # -- run -------------------------------------------------------------------------------
 
@@ -683,12 +478,4 @@ class TensorRT(Backend, DeviceResident):
         return d
 
 
-__all__ = [
-    "SharedEngine",
-    "TensorRT",
-    "engine_cache_key",
-    "network_flags",
-    "refuse_asymmetric_int8",
-    "tensorrt_import_error",
-    "timing_cache",
-]
+__all__ = ["TensorRT", "bind", "set_shape", "tensorrt_import_error"]

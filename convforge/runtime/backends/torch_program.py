@@ -54,8 +54,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convforge.errors import UserError
-from convforge.extras import install_hint
+from convforge.contract import ModelInfo, read_info
+from convforge.errors import UserError, first_line
+from convforge.extras import extra_hint
 from convforge.runtime.backends.base import Backend, BackendUnavailable, DeviceResident, InputSpec
 from convforge.settings import setting
 
@@ -150,6 +151,10 @@ def program_path(path: str | Path) -> Path:
 
 class TorchProgram(Backend, DeviceResident):
     name = "torch"
+    library = "torch"
+    extra = "train"
+    gpu = False  # CPU by default; device="cuda" is an option, checked when it loads
+    numeric_options = ("device", "dtype", "tf32")
     suffixes = (".onnx", ".pt2")  # an .onnx export means the .pt2 program beside it
     fp32_only = True  # export writes the .pt2 for the fp32 model only
 
@@ -197,22 +202,36 @@ class TorchProgram(Backend, DeviceResident):
         try:
             import torch
         except ImportError:
-            return False, f"torch is not installed: {install_hint('torch')}"
+            return False, f"torch is not installed: {extra_hint(cls.extra)}"
         if device == "cuda" and not torch.cuda.is_available():
             return False, "device 'cuda' requested but torch.cuda.is_available() is False"
         return True, ""
 
-    def _load(self) -> InputSpec:
-        import torch
+    @classmethod
+    def tune_variants(cls, batch_size: int, batch_sizes, fp32: bool) -> list[dict]:
+        """The CPU program, contiguous and channels_last, and bf16 (channels_last) on a CPU
+        with native bf16; on CUDA fp32 and fp16, with and without CUDA graphs (fp32 files
+        only: export writes the .pt2 program for the fp32 model alone)."""
+        ok_cuda, _ = cls.available("cuda")
+        out = [{}, {"channels_last": True}]  # the CPU: slow for CNNs, kept so the plan says so
+        if native_bf16():  # emulated bf16 is slower than fp32: not worth timing
+            out.append({"dtype": "bf16", "channels_last": True})
+        if ok_cuda and fp32:  # the .pt2 is fp32 only; dtype casts it on the GPU
+            out += [
+                {"device": "cuda", "dtype": d, "channels_last": True, "cuda_graphs": g}
+                for d in ("fp32", "fp16")
+                for g in (False, True)
+            ]
+        return out
 
-        from convforge.contract import read_info
-
+    def _read_info(self) -> ModelInfo:
+        """The info of the ``.onnx`` beside the program (it declares the input shape even
+        without convforge metadata) or of a bare ``.pt2`` (which needs the metadata, channels
+        and input_size, in its convforge.json). First the device must be here, and there must
+        be a program: an fp16/int8 ``.onnx`` has none (UserError)."""
         ok, why = self.available(self.device)
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
-        if self.device == "cuda" and self.dtype == "fp32":
-            TF32.claim(self.tf32)  # before anything compiles or runs: they read it
-            self._tf32_claimed = True
         source = Path(self.path)
         if not self.program.is_file() and source.suffix == ".onnx" and source.is_file():
             precision = read_info(source).precision
@@ -226,15 +245,19 @@ class TorchProgram(Backend, DeviceResident):
                 f"{self.program} does not exist: the torch backend runs the .pt2 program "
                 "that `convforge export` writes beside the .onnx; re-export the checkpoint"
             )
-        # The ONNX beside the program declares the input shape even without convforge
-        # metadata; a bare .pt2 needs the metadata (channels, input_size) in convforge.json.
-        info = read_info(source if source.suffix == ".onnx" and source.is_file() else self.program)
+        return read_info(source if source.suffix == ".onnx" and source.is_file() else self.program)
+
+    def _load(self, info: ModelInfo) -> InputSpec:
+        import torch
+
+        if self.device == "cuda" and self.dtype == "fp32":
+            TF32.claim(self.tf32)  # before anything compiles or runs: they read it
+            self._tf32_claimed = True
         try:
             module = torch.export.load(str(self.program)).module()
         except Exception as e:  # torch.export.load raises many types for a foreign file
             raise UserError(
-                f"{self.program} is not a loadable torch.export program: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                f"{self.program} is not a loadable torch.export program: {first_line(e)}"
             ) from None
         self._torch_dtype = {
             "fp32": torch.float32,
@@ -257,7 +280,7 @@ class TorchProgram(Backend, DeviceResident):
         """(scale, bias) on the device for a uint8-input file whose program is its float twin's."""
         import torch
 
-        from convforge.contract import pixel_normalization, read_info
+        from convforge.contract import pixel_normalization
 
         made_from = read_info(self.program).metadata.get("source_sha256")
         if made_from != info.metadata.get("source_sha256"):

@@ -38,7 +38,7 @@ from convforge.runtime.serve.batcher import BatchingConfig
 from convforge.runtime.serve.grpc_server import build_server
 from convforge.runtime.serve.http_app import build_app, new_dataplane
 from convforge.runtime.serve.metrics import ServerMetrics
-from convforge.runtime.serve.model import ServedModel, load_all
+from convforge.runtime.serve.served_model import ServedModel, load_all
 from convforge.runtime.serve.transport import deadlined_h11
 from convforge.settings import check_ranges, setting
 

@@ -55,18 +55,16 @@ def test_digits_default_recipe_learns(tmp_path):
 def test_checkpoint_follows_the_design_format(tmp_path):
     result = train(_model(), _cfg(tmp_path, epochs=1), progress=False)
     ck = load_checkpoint(result.out / "last.pt")
-    for key in ("model_state", "model_config", "data_config", "optimizer_state",
-                "scheduler_state", "epoch", "metrics", "rng_state", "train_config"):  # fmt: skip
-        assert key in ck
-    data = ck["data_config"]
+    assert ck.model_config == _model().resolved() and ck.epoch == 1
+    assert ck.train_config["dataset"] == "digits" and len(ck.history) == 1
+    for key in ("optimizer_state", "scheduler_state", "rng_state", "versions"):
+        assert key in ck.extra
+    data = ck.data_config
     assert data["classes"] == [str(i) for i in range(10)] and data["channels"] == 1
     assert data["input_size"] == 16 and len(data["mean"]) == len(data["std"]) == 1
     assert 0.0 < data["mean"][0] < 1.0
-    assert ck["metrics"]["best_val_acc"] == ck["metrics"]["val_acc"]
-    from convforge.builder import ModelConfig
-
-    model = build_model(ModelConfig(**ck["model_config"]))
-    model.load_state_dict(ck["model_state"])  # rebuilt from the stored config alone
+    assert ck.metrics["best_val_acc"] == ck.metrics["val_acc"]
+    ck.build_model()  # rebuilt from the stored config alone
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
@@ -86,12 +84,12 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
         train(_model(), _cfg(tmp_path, "stopped", device="cpu"), model=model)
     assert "continue with --resume" in capsys.readouterr().out
     stopped = tmp_path / "stopped" / "last.pt"
-    assert load_checkpoint(stopped)["epoch"] == 1
+    assert load_checkpoint(stopped).epoch == 1
 
     resumed = train(None, None, resume=stopped, progress=False)
     assert resumed.epochs_run == 2 and len(resumed.history) == 2
-    a = load_checkpoint(straight.out / "last.pt")["model_state"]
-    b = load_checkpoint(stopped)["model_state"]
+    a = load_checkpoint(straight.out / "last.pt").model_state
+    b = load_checkpoint(stopped).model_state
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -111,15 +109,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 1"):
         train(_model(), _cfg(tmp_path), model=model, progress=False)
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert ck["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in ck["model_state"].values() if v.is_floating_point())
+    assert ck.epoch == 1
+    assert all(torch.isfinite(v).all() for v in ck.model_state.values() if v.is_floating_point())
 
 
 def test_ema_is_evaluated_separately_and_saved(tmp_path):
     result = train(_model(), _cfg(tmp_path, epochs=1, ema_decay=0.9), progress=False)
     row = result.history[0]
     assert row["ema_val_acc"] is not None and 0.0 <= row["ema_val_acc"] <= 1.0
-    assert load_checkpoint(result.out / "last.pt")["ema_state"] is not None
+    assert load_checkpoint(result.out / "last.pt").extra["ema_state"] is not None
 
 
 def test_early_stopping_with_patience(tmp_path):
@@ -167,9 +165,9 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
     ck = load_checkpoint(out / "last.pt")
-    assert ck["epoch"] == 2
+    assert ck.epoch == 2
     # Validation accuracy is a multiple of 1/n: each held-out image counted exactly once.
     n = len(load_dataset("digits", val_fraction=0.1, seed=0).val)
-    val_acc = ck["metrics"]["val_acc"]
+    val_acc = ck.metrics["val_acc"]
     assert abs(val_acc * n - round(val_acc * n)) < 1e-6
     assert Path(out / "metrics.csv").read_text().count("\n") == 3

@@ -35,8 +35,8 @@ def test_cuda_training_learns_digits(tmp_path, amp):
     result = train(_model(), cfg, progress=False)
     assert result.best_val_acc >= 0.97
     ck = load_checkpoint(result.out / "last.pt")
-    assert (ck["scaler_state"] is not None) == (amp == "fp16")
-    assert ck["history"][-1]["images_per_s"] > 0
+    assert (ck.extra["scaler_state"] is not None) == (amp == "fp16")
+    assert ck.history[-1]["images_per_s"] > 0
 
 
 def test_cuda_deterministic_resume_ends_with_the_same_weights(tmp_path):
@@ -64,6 +64,6 @@ def test_cuda_deterministic_resume_ends_with_the_same_weights(tmp_path):
         )
     resumed = train(None, None, resume=tmp_path / "stopped" / "last.pt", progress=False)
     assert resumed.epochs_run == 2
-    a = load_checkpoint(straight.out / "last.pt")["model_state"]
-    b = load_checkpoint(resumed.out / "last.pt")["model_state"]
+    a = load_checkpoint(straight.out / "last.pt").model_state
+    b = load_checkpoint(resumed.out / "last.pt").model_state
     assert all(torch.equal(a[k], b[k]) for k in a)

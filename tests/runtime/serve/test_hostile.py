@@ -21,7 +21,7 @@ from PIL import Image
 from convforge.cli import main
 from convforge.runtime.serve.batcher import BatchingConfig
 from convforge.runtime.serve.http_app import new_dataplane
-from convforge.runtime.serve.model import ServedModel
+from convforge.runtime.serve.served_model import ServedModel
 from tests.runtime.serve.conftest import MODEL, start
 
 ROWS = np.zeros((2, 1, 16, 16), np.float32)

@@ -13,7 +13,7 @@ import pytest
 
 from convforge.runtime.backends import Backend, BackendUnavailable
 from convforge.runtime.serve.batcher import BatchingConfig
-from convforge.runtime.serve.model import ServedModel
+from convforge.runtime.serve.served_model import ServedModel
 from tests.runtime.serve.conftest import MODEL
 
 
@@ -98,11 +98,11 @@ def test_a_failed_instance_fails_load_in_one_line_and_closes_the_loaded_ones(cal
     real = OrtCpu._load
     loads = []
 
-    def second_fails(self):
+    def second_fails(self, info):
         loads.append(self)
         if len(loads) == 2:
             raise BackendUnavailable("backend 'ort-cpu' is not available: out of device memory")
-        return real(self)
+        return real(self, info)
 
     monkeypatch.setattr(OrtCpu, "_load", second_fails)
     before = _runner_threads()

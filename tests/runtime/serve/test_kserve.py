@@ -20,7 +20,7 @@ SCRIPT = """
 import os
 import kserve  # first: kserve parses its own command line (--http_port ...) on import
 
-from convforge.runtime.serve.model import ServedModel
+from convforge.runtime.serve.served_model import ServedModel
 
 model = ServedModel("digits", os.environ["CONVFORGE_MODEL"], backend="ort-cpu")
 model.load()

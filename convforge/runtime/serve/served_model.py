@@ -33,6 +33,7 @@ import dataclasses
 import numpy as np
 
 from convforge.contract import INPUT_NAME, OUTPUT_NAME, read_info
+from convforge.errors import first_line
 from convforge.runtime import backends
 from convforge.runtime.serve.batcher import Batcher, BatchingConfig, runner_thread
 from convforge.runtime.serve.kserve_sdk import (
@@ -248,7 +249,7 @@ class ServedModel(kserve.Model):
         except (ValueError, TypeError, OverflowError) as e:
             raise errors.InvalidInput(
                 f"input {INPUT_NAME!r}: its data does not fill shape {shape} of "
-                f"{tensor.datatype} ({str(e).splitlines()[0]})"
+                f"{tensor.datatype} ({first_line(e)})"
             ) from None
         return np.ascontiguousarray(rows)
 
