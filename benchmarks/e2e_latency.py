@@ -58,7 +58,6 @@ from PIL import Image
 from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.helpers' photo generator
 
 from cpu_backends import (  # noqa: E402 (benchmarks/ is the script's own folder)
     CALIB_SAMPLES,
@@ -70,12 +69,12 @@ from cpu_backends import (  # noqa: E402 (benchmarks/ is the script's own folder
 )
 
 from convforge.builder.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from convforge.builder.data.synthetic import photo  # noqa: E402
 from convforge.contract import sha256_of  # noqa: E402
 from convforge.export import ExportOptions, export_checkpoint  # noqa: E402
 from convforge.files import write_text  # noqa: E402
 from convforge.runtime import load  # noqa: E402
 from convforge.runtime.environment import environment  # noqa: E402
-from tests.helpers import photo_jpeg  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "e2e_latency.json"
 CACHE = ROOT / "benchmarks" / ".cache" / "e2e_latency"
@@ -94,7 +93,9 @@ def jpegs() -> dict[str, list[str]]:
         paths = []
         for i in range(FILES_PER_SIZE):
             path = folder / f"photo-{w}x{h}-{i}.jpg"
-            paths.append(str(path) if path.exists() else photo_jpeg(path, w, h, seed=i))
+            if not path.exists():
+                photo(w, h, seed=i).save(path, quality=90)
+            paths.append(str(path))
         out[f"{w}x{h}"] = paths
     return out
 

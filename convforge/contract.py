@@ -213,24 +213,6 @@ def write_props(model, props: Mapping[str, str], replace_all: bool = False) -> N
 
 
 _WARNED: set[str] = set()  # files whose defaults were already said
-# Metadata given for a file on the command line (--mean, --labels, ...): resolved path ->
-# values that win over the file's own, for this process (see declare()).
-_DECLARED: dict[str, dict] = {}
-DECLARABLE = ("mean", "std", "resize_size", "classes", "layout", "output")
-
-
-def declare(path: str | os.PathLike, **values) -> None:
-    """Read ``path`` as if its metadata held ``values`` (keys of :data:`DECLARABLE`), for
-    the rest of this process: how ``--mean``, ``--std``, ``--resize``, ``--labels``,
-    ``--layout`` and ``--output`` reach every reader of the file (the backends, the
-    Model API, tune, the server) without changing it. ``convforge annotate`` writes the
-    same values into a copy. Values are checked when the file is read."""
-    unknown = sorted(set(values) - set(DECLARABLE))
-    if unknown:
-        raise ValueError(f"not declarable: {unknown}")
-    given = {k: v for k, v in values.items() if v is not None}
-    if given:
-        _DECLARED.setdefault(str(Path(path).resolve()), {}).update(given)
 
 
 class DefaultsWarning(UserWarning):
@@ -308,12 +290,13 @@ class ModelInfo:
         return "uint8" if self.spec.dtype == "uint8" else "float32"
 
 
-def read_info(path: str | os.PathLike) -> ModelInfo:
+def read_info(path: str | os.PathLike, overrides=None) -> ModelInfo:
     """The model's input spec and preprocessing; UserError for a missing or foreign file.
 
     Takes an ``.onnx`` (metadata_props, input shape from the graph) or a ``.pt2``
     (the :data:`PT2_METADATA` extra file, which must then hold channels and
-    input_size).
+    input_size). ``overrides`` (a :class:`convforge.overrides.ModelOverrides`: ``--mean``,
+    ``--labels``, ...) win over an ``.onnx`` file's own metadata, checked here.
     """
     path = Path(path)
     if not path.is_file():
@@ -322,7 +305,7 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
     if path.suffix == ".pt2":
         meta, spec = _pt2_metadata(path), None
     else:
-        meta, spec, symmetric, names = _onnx_metadata(path)
+        meta, spec, symmetric, names = _onnx_metadata(path, overrides)
     c = meta.get("channels", spec.channels if spec else None)
     size = meta.get("input_size", spec.height if spec else None)
     if c is None or size is None:
@@ -356,7 +339,7 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
 
 
 def _preprocessing(meta: dict, spec: InputSpec) -> tuple[list, list, int, tuple[str, ...]]:
-    """mean, std and resize size from the metadata (or values declared for the file), else
+    """mean, std and resize size from the metadata (or the overrides given for it), else
     the defaults for a file made elsewhere (ImageNet statistics, torchvision's resize + centre
     crop), and which were defaulted. A uint8-input graph normalizes inside, so its mean and
     std are never defaulted. UserError for a mean/std of the wrong length or a resize below
@@ -407,7 +390,9 @@ def load_onnx(path: str | os.PathLike, weights: bool = True):
     return model
 
 
-def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None, tuple[str, str]]:
+def _onnx_metadata(
+    path: Path, overrides=None
+) -> tuple[dict, InputSpec, bool | None, tuple[str, str]]:
     """metadata, input spec, int8 symmetry and (input name, output name) of an ONNX file.
 
     The input is the graph input named :data:`INPUT_NAME`, else the graph's one
@@ -428,7 +413,7 @@ def _onnx_metadata(path: Path) -> tuple[dict, InputSpec, bool | None, tuple[str,
     graph_input = (named or inputs)[0]
     tensor = graph_input.type.tensor_type
     outputs = [o.name for o in model.graph.output]
-    meta = {**decode(read_props(model)), **_DECLARED.get(str(path.resolve()), {})}
+    meta = {**decode(read_props(model)), **(overrides.metadata() if overrides else {})}
     output = meta.get("output") or (OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0])
     if output not in outputs:
         raise UserError(

@@ -20,11 +20,10 @@ def quiet_defaults():
 
 
 @pytest.fixture(autouse=True)
-def _forget_declared_metadata():
-    """--mean, --labels, ... declare metadata for a file for the rest of the process
-    (contract.declare); each test starts and ends without any."""
+def _forget_warned_files():
+    """read_info says a file's defaults once per file and process (contract._WARNED); each
+    test starts without any said, so a test of the warning does not depend on the order."""
     from convforge import contract
 
     yield
-    contract._DECLARED.clear()
     contract._WARNED.clear()

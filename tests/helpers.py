@@ -2,7 +2,8 @@
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+
+from convforge.builder.data.synthetic import photo
 
 
 def with_bn_statistics(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,23 +54,9 @@ def torch_logits(model, x: np.ndarray) -> np.ndarray:
 
 
 def photo_jpeg(path, width, height, seed=0):
-    """A photo-like JPEG at ``path`` (returned as str): smooth colour gradients, filled shapes,
-    a little blur and sensor-like noise, saved by PIL at quality 90. Also used by
-    benchmarks/e2e_latency.py."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = [128 + 100 * np.sin(x / width * 3 + c) * np.cos(y / height * 2 + c) for c in range(3)]
-    image = Image.fromarray(np.stack(base, -1).clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(30):
-        cx, cy = rng.integers(0, width), rng.integers(0, height)
-        r = int(rng.integers(min(width, height) // 30, min(width, height) // 6))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape([cx - r, cy - r // 2, cx + r, cy + r], fill=colour)
-    image = image.filter(ImageFilter.GaussianBlur(max(1, min(width, height) // 400)))
-    noisy = np.asarray(image, np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
-    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    """A photo-like JPEG at ``path`` (returned as str), quality 90: see
+    :func:`convforge.builder.data.synthetic.photo`."""
+    photo(width, height, seed).save(path, quality=90)
     return str(path)
 
 

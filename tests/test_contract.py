@@ -1,5 +1,6 @@
 """The file contract: names, keys, encoding, and reading a file back (no torch needed)."""
 
+import dataclasses
 import json
 import zipfile
 
@@ -10,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from convforge import contract
 from convforge.errors import UserError
+from convforge.overrides import ModelOverrides
 
 
 def _model(weight_type=TensorProto.FLOAT, qdq=False, props=None):
@@ -247,22 +249,22 @@ def test_a_convforge_export_has_no_defaults(tmp_path):
     assert (info.input_name, info.output_name) == ("input", "logits")
 
 
-def test_declared_values_win_over_the_file_and_the_defaults(tmp_path):
+def test_overrides_win_over_the_file_and_the_defaults(tmp_path):
     outputs = [("a", ["n", 2]), ("b", ["n", 3])]
     path = _foreign([("img", TensorProto.FLOAT, ["n", 8, 8, 3])], outputs, tmp_path=tmp_path)
     with pytest.warns(contract.DefaultsWarning):
         assert contract.read_info(path).spec.layout == "NHWC"
-    contract.declare(path, layout="NCHW", output="b", mean=[0.1] * 8, classes=["x", "y", "z"])
-    info = contract.read_info(path)
+    given = ModelOverrides(layout="NCHW", output="b", mean=(0.1,) * 8, classes=("x", "y", "z"))
+    info = contract.read_info(path, given)
     assert info.spec.layout == "NCHW" and info.spec.channels == 8 and info.output_name == "b"
     assert info.mean == [0.1] * 8 and info.classes == ["x", "y", "z"]
     assert "mean" not in info.defaults_note and "std [0.5," in info.defaults_note
-    contract.declare(path, resize_size=4)
     with pytest.raises(UserError, match="--resize 4 is below the input size 8"):
-        contract.read_info(path)
-    contract.declare(path, resize_size=None, mean=[0.1])  # None leaves a value as it was
+        contract.read_info(path, dataclasses.replace(given, resize_size=4))
     with pytest.raises(UserError, match="--mean takes 8 value"):
-        contract.read_info(path)
-    contract.declare(path, output="c", mean=[0.1] * 8, resize_size=9)
+        contract.read_info(path, dataclasses.replace(given, mean=(0.1,)))
     with pytest.raises(UserError, match="has no output 'c' .*its outputs: a, b"):
-        contract.read_info(path)
+        contract.read_info(path, dataclasses.replace(given, output="c", resize_size=9))
+    # Overrides travel with the call, not the process: the file alone reads as before.
+    alone = contract.read_info(path)
+    assert (alone.spec.layout, alone.output_name, alone.classes) == ("NHWC", "a", [])

@@ -19,8 +19,8 @@ from torch import nn
 
 from convforge.builder.initialization import INITS, default_init, init_weights
 from convforge.builder.layers import ACTIVATIONS, NORMS, activation_layer, norm_layer
-from convforge.errors import UserError, check_choice, check_int
-from convforge.settings import setting
+from convforge.errors import UserError, check_choice
+from convforge.settings import check_ranges, setting
 
 STEMS = ("imagenet", "small")
 
@@ -83,17 +83,25 @@ class ModelConfig:
     """Every choice that shapes a model. ``None`` fields take the model's defaults."""
 
     arch: str = setting(help="architecture name (see `convforge models`)", flag="--model")
-    num_classes: int = setting(1000, "outputs of the last layer")
-    in_channels: int = setting(3, "input channels (1 = grayscale)")
-    stem: str = setting("imagenet", "imagenet for ~224 px inputs, small for 8-64 px")
-    activation: str = setting("relu", f"used in every layer: {', '.join(ACTIVATIONS)}")
+    num_classes: int = setting(1000, "outputs of the last layer", minimum=1)
+    in_channels: int = setting(3, "input channels (1 = grayscale)", minimum=1)
+    stem: str = setting("imagenet", "imagenet for ~224 px inputs, small for 8-64 px", choices=STEMS)
+    activation: str = setting(
+        "relu", f"used in every layer: {', '.join(ACTIVATIONS)}", choices=ACTIVATIONS
+    )
     leaky_slope: float = setting(0.01, "Leaky ReLU's slope for x < 0")
     norm: str | None = setting(
-        None, f"after each conv: {', '.join(NORMS)}; default: batch (none for plain VGG)"
+        None,
+        f"after each conv: {', '.join(NORMS)}; default: batch (none for plain VGG)",
+        choices=NORMS,
     )
-    num_groups: int = setting(32, "channel groups for --norm group; must divide every width")
+    num_groups: int = setting(
+        32, "channel groups for --norm group; must divide every width", minimum=1
+    )
     init: str | None = setting(
-        None, f"weight init: {', '.join(INITS)}; default: xavier for tanh/sigmoid, else kaiming"
+        None,
+        f"weight init: {', '.join(INITS)}; default: xavier for tanh/sigmoid, else kaiming",
+        choices=INITS,
     )
     zero_init_residual: bool = setting(False, "residual blocks start as identity (last BN scale 0)")
     options: dict = setting(
@@ -103,19 +111,14 @@ class ModelConfig:
     def resolved(self) -> ModelConfig:
         """A copy with defaults filled in and every field checked (UserError if bad)."""
         entry = get_entry(self.arch)
-        for name in ("num_classes", "in_channels", "num_groups"):
-            check_int(name, getattr(self, name))
-        check_choice("stem", self.stem, STEMS)
-        check_choice("activation", self.activation, ACTIVATIONS)
+        check_ranges(self)  # choices and ranges declared on the fields; the rest below
         norm = entry.default_norm if self.norm is None else self.norm
-        check_choice("norm", norm, NORMS)
         if norm not in entry.norms:
             raise UserError(
                 f"model {self.arch!r} takes norm {', '.join(entry.norms)} only, got {norm!r}"
                 f" (use {self.arch.removesuffix('_bn')!r} for other norms)"
             )
         init = default_init(self.activation) if self.init is None else self.init
-        check_choice("init", init, INITS)
         unknown = sorted(set(self.options) - set(entry.options))
         if unknown:
             takes = ", ".join(entry.options) or "no options"

@@ -211,26 +211,37 @@ def float_list(text: str) -> list[float]:
     return values
 
 
-def add_model_overrides(parser: argparse.ArgumentParser, output_flag: bool = True) -> None:
-    """``--mean --std --resize --labels --output --layout``: what a file made elsewhere
-    does not say about itself (``output_flag=False``: ``--output-name`` only, for a
-    command whose ``--output`` is taken)."""
-    g = parser.add_argument_group(
-        "a model made elsewhere (override its metadata or the defaults; `convforge annotate` "
-        "writes them into the file)"
-    )
-    g.add_argument("--mean", type=float_list, help="per-channel mean of [0, 1] pixels "
-                   "(default: the file's, else ImageNet's 0.485,0.456,0.406)")  # fmt: skip
-    g.add_argument("--std", type=float_list, help="per-channel std (default: the file's, else "
-                   "ImageNet's 0.229,0.224,0.225)")  # fmt: skip
-    g.add_argument("--resize", type=int, help="resize the shorter side to this, then centre-"
-                   "crop the input size (default: the file's, else input / 0.875)")  # fmt: skip
-    g.add_argument("--labels", help="text file: one class name per line, in logit order")
-    flags = ("--output", "--output-name") if output_flag else ("--output-name",)
-    g.add_argument(*flags, dest="scores_output", metavar="NAME", help="the graph output with "
-                   "the class scores (default: 'logits' if present, else the first)")  # fmt: skip
-    g.add_argument("--layout", choices=("NCHW", "NHWC"), help="the input's layout (default: "
-                   "the file's, else inferred from its shape)")  # fmt: skip
+OVERRIDES_TITLE = ("a model made elsewhere (override its metadata or the defaults; `convforge "
+                   "annotate` writes them into the file)")  # fmt: skip
+OVERRIDE = "override_"  # prefix of the Namespace attributes the override options store into
+
+
+def add_model_overrides(
+    parser: argparse.ArgumentParser,
+    output_flags: tuple[str, ...] = ("--output", "--output-name"),
+    title: str = OVERRIDES_TITLE,
+) -> None:
+    """One option per field of :class:`~convforge.overrides.ModelOverrides` (``--mean --std
+    --resize --labels --layout``, and the ``output`` field as ``output_flags``: a command
+    whose ``--output`` is taken gives ``("--output-name",)``); read them back with
+    :func:`model_overrides`. ``--mean``/``--std`` take comma-separated numbers, ``--labels``
+    a text file (read by :func:`model_overrides`), ``--layout`` one of its choices."""
+    from convforge.overrides import ModelOverrides
+
+    hints = typing.get_type_hints(ModelOverrides)
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(ModelOverrides):
+        flags = output_flags if f.name == "output" else (settings.flag(f),)
+        kind, _ = settings.unwrap(hints[f.name])
+        kwargs = {"dest": OVERRIDE + f.name, "help": _help(f, None)}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        elif kind == tuple[float, ...]:
+            kwargs["type"], kwargs["metavar"] = float_list, "N,N,..."
+        else:  # the labels file (read by model_overrides), the output's name, the resize
+            kwargs["type"] = _type(int) if kind is int else str
+            kwargs["metavar"] = {"classes": "FILE", "output": "NAME"}.get(f.name, "N")
+        group.add_argument(*flags, **kwargs)
 
 
 def read_labels(path: str) -> list[str]:
@@ -248,13 +259,13 @@ def read_labels(path: str) -> list[str]:
     return labels
 
 
-def apply_model_overrides(args: argparse.Namespace, paths) -> None:
-    """Make every reader of ``paths`` see the overrides given (see contract.declare)."""
-    from convforge import contract
+def model_overrides(args: argparse.Namespace):
+    """The :class:`~convforge.overrides.ModelOverrides` the options of
+    :func:`add_model_overrides` gave (``--labels``' file read), every value checked as its
+    field declares: what the command passes to every reader of its model files."""
+    from convforge.overrides import ModelOverrides
 
-    labels = read_labels(args.labels) if args.labels else None
-    if args.resize is not None and args.resize < 1:
-        raise UserError(f"--resize must be a positive integer, got {args.resize}")
-    for path in paths:
-        contract.declare(path, mean=args.mean, std=args.std, resize_size=args.resize,
-                         classes=labels, layout=args.layout, output=args.scores_output)  # fmt: skip
+    values = {f.name: getattr(args, OVERRIDE + f.name) for f in dataclasses.fields(ModelOverrides)}
+    if values["classes"] is not None:
+        values["classes"] = read_labels(values["classes"])
+    return settings.parse(ModelOverrides, values)

@@ -46,9 +46,10 @@ def use_plan(path: str, models: list[str], conflicts: dict[str, bool], force: bo
     return plan
 
 
-def bench_with_plan(args, cfg, labelled) -> list[dict]:
+def bench_with_plan(args, cfg, labelled, overrides=None) -> list[dict]:
     """``bench --plan``'s records: the plan's entry closest to each batch size (the
-    plan's own batch sizes unless --batch-sizes names some, even the default ones)."""
+    plan's own batch sizes unless --batch-sizes names some, even the default ones), its
+    files read with ``overrides`` (--mean, --labels, ...)."""
     from convforge.runtime.bench import bench_plan
 
     plan = use_plan(args.plan, args.models, {"--backends": args.backends != "available",
@@ -59,12 +60,13 @@ def bench_with_plan(args, cfg, labelled) -> list[dict]:
         for bs in cfg.batch_sizes:
             e = plan.entry(bs)
             print(f"plan, batch {bs}: {e.backend} {Path(e.file).name} {options_text(e.options)}")
-    return bench_plan(plan, cfg, labelled)
+    return bench_plan(plan, cfg, labelled, overrides)
 
 
-def serve_with_plan(args, models: dict[str, str], batching):
+def serve_with_plan(args, models: dict[str, str], batching, overrides=None):
     """``serve --plan``'s ServeConfig: the one model given, served from the plan's file,
-    backend and options of the entry closest to ``--max-batch-size``."""
+    backend and options of the entry closest to ``--max-batch-size``, read with
+    ``overrides`` (--mean, --labels, ...)."""
     from convforge.runtime.serve.server import ServeConfig
 
     if len(models) != 1:
@@ -76,4 +78,5 @@ def serve_with_plan(args, models: dict[str, str], batching):
     plan.check_file(entry)
     (name,) = models
     return settings_from(ServeConfig, args, models={name: entry.file}, backend=entry.backend,
-                         options=dict(entry.options), batching=batching)  # fmt: skip
+                         options=dict(entry.options), batching=batching,
+                         overrides=overrides)  # fmt: skip

@@ -16,11 +16,9 @@ from convforge.cli.options import (
     add_json,
     add_model_overrides,
     add_settings,
-    apply_model_overrides,
     backend_options,
     csv,
-    float_list,
-    read_labels,
+    model_overrides,
     settings_from,
 )
 from convforge.cli.plan import (
@@ -65,14 +63,15 @@ def cmd_predict(args) -> int:
 
     if args.backend == "auto":
         extras.require_engine("convforge predict")
-    apply_model_overrides(args, [args.model])
+    overrides = model_overrides(args)
     options = backend_options(args.set, BACKENDS)
     if args.plan:
         conflicts = {"--backend": args.backend != "auto", "--set": bool(args.set)}
         plan = use_plan(args.plan, [args.model], conflicts, force=args.force_plan)
-        opened = load_plan(plan, min(len(args.images), 32), check=False)
+        opened = load_plan(plan, min(len(args.images), 32), check=False, overrides=overrides)
     else:
-        opened = load(args.model, backend=args.backend, **options.get(args.backend, {}))
+        opened = load(args.model, backend=args.backend, overrides=overrides,
+                      **options.get(args.backend, {}))  # fmt: skip
     with opened as model:
         results = model.predict(args.images, topk=args.topk)
         ran = model.backend.describe()
@@ -161,15 +160,17 @@ def cmd_bench(args) -> int:
     if names is None:
         extras.require_engine("convforge bench")
     cfg = settings_from(bench.BenchConfig, args)
-    apply_model_overrides(args, args.models)
+    overrides = model_overrides(args)
     options = backend_options(args.set, BACKENDS)
-    labelled = _labelled_images(args.accuracy, args.models[0]) if args.accuracy else None
+    labelled = None
+    if args.accuracy:
+        labelled = _labelled_images(args.accuracy, args.models[0], overrides=overrides)
     if args.plan:
-        records, skipped = bench_with_plan(args, cfg, labelled), []
+        records, skipped = bench_with_plan(args, cfg, labelled, overrides), []
     else:
         shapes = parse_shapes(args.shapes)
         records, skipped = bench.bench_matrix(
-            args.models, names, cfg, options, labelled, shapes=shapes
+            args.models, names, cfg, options, labelled, shapes=shapes, overrides=overrides
         )
     env = environment()
     regressions = []
@@ -209,9 +210,12 @@ def cmd_bench(args) -> int:
     return 1 if regressions else 0
 
 
-def _labelled_images(spec: str, model_path: str, what: str = "convforge bench --accuracy", **split):
+def _labelled_images(
+    spec: str, model_path: str, what: str = "convforge bench --accuracy", overrides=None, **split
+):
     """Raw validation images (uint8 HxW[xC]) and labels of dataset ``spec`` for ``what``
-    (--accuracy, tune).
+    (--accuracy, tune), checked against the classes of ``model_path`` as ``overrides``
+    (``--labels``) make them.
 
     ``split``: ``val_fraction`` and ``seed`` of the validation split (the
     builder's defaults otherwise). The datasets are the builder's, so this
@@ -221,7 +225,7 @@ def _labelled_images(spec: str, model_path: str, what: str = "convforge bench --
     from convforge.builder.data.sources import load_dataset
     from convforge.contract import read_info
 
-    info = read_info(model_path)
+    info = read_info(model_path, overrides)
     bundle = load_dataset(spec, channels=info.spec.channels, **split)
     if list(bundle.classes) != list(info.classes):
         raise UserError(
@@ -305,7 +309,6 @@ def cmd_serve(args) -> int:
 
     if args.backend == "auto":
         extras.require_engine("convforge serve")
-    apply_model_overrides(args, model_names(args.models).values())
     asyncio.run(serve(serve_config(args), on_ready=_announce))
     print("convforge serve: stopped", flush=True)
     return 0
@@ -320,10 +323,11 @@ def serve_config(args):
     options = backend_options(args.set, BACKENDS)
     models = model_names(args.models)
     batching = settings_from(BatchingConfig, args).check()
+    overrides = model_overrides(args)
     if args.plan:
-        return serve_with_plan(args, models, batching)
-    return settings_from(ServeConfig, args, models=models,
-                         options=options.get(args.backend, {}), batching=batching)  # fmt: skip
+        return serve_with_plan(args, models, batching, overrides)
+    return settings_from(ServeConfig, args, models=models, options=options.get(args.backend, {}),
+                         batching=batching, overrides=overrides)  # fmt: skip
 
 
 def model_names(items: list[str]) -> dict[str, str]:
@@ -390,15 +394,8 @@ def annotate_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("model", help="an .onnx file")
     p.add_argument("-o", "--out", required=True, help="the annotated .onnx to write")
-    p.add_argument("--labels", help="a text file, one class name per line, in logit order")
-    p.add_argument("--mean", type=float_list, help="per-channel mean of [0, 1] pixels, e.g. "
-                   "0.485,0.456,0.406")  # fmt: skip
-    p.add_argument("--std", type=float_list, help="per-channel std, e.g. 0.229,0.224,0.225")
-    p.add_argument("--resize", type=int, help="resize the shorter side to this, then crop")
-    p.add_argument("--output", help="the graph output holding the class scores (default: "
-                   "'logits' if present, else the first)")  # fmt: skip
-    p.add_argument("--layout", choices=("NCHW", "NHWC"), help="the input's layout (default: "
-                   "inferred from its shape)")  # fmt: skip
+    add_model_overrides(p, ("--output",), "metadata to write (not given: the file's own, else "
+                        "the defaults a file without metadata runs with)")  # fmt: skip
     add_json(p)
     p.set_defaults(func=cmd_annotate)
 
@@ -408,9 +405,7 @@ def cmd_annotate(args) -> int:
     from convforge.runtime.annotate import annotate
 
     extras.require_engine("convforge annotate")
-    labels = read_labels(args.labels) if args.labels else None
-    done = annotate(args.model, args.out, labels=labels, mean=args.mean, std=args.std,
-                    resize=args.resize, output=args.output, layout=args.layout)  # fmt: skip
+    done = annotate(args.model, args.out, model_overrides(args))
     if args.json:
         print(json.dumps(done, indent=2))
         return 0

@@ -29,8 +29,8 @@ from convforge.cli.options import (
     add_json,
     add_model_overrides,
     add_settings,
-    apply_model_overrides,
     csv,
+    model_overrides,
     settings_from,
 )
 from convforge.cli.plan import options_text
@@ -61,7 +61,7 @@ def tune_parser(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_settings(p, TuneConfig, "search")
     p.add_argument("-o", "--output", required=True, help="the plan to write (JSON)")
-    add_model_overrides(p, output_flag=False)
+    add_model_overrides(p, output_flags=("--output-name",))
     add_json(p)
     p.set_defaults(func=cmd_tune)
 
@@ -74,9 +74,9 @@ def cmd_tune(args) -> int:
 
     extras.require_engine("convforge tune")
     cfg = settings_from(TuneConfig, args).check()
-    apply_model_overrides(args, args.models)
+    overrides = model_overrides(args)
     for path in args.models:
-        read_info(path)  # UserError: missing or not a model
+        read_info(path, overrides)  # UserError: missing or not a model
     names = None
     if args.backends != "available":
         names = csv(args.backends)
@@ -93,9 +93,9 @@ def cmd_tune(args) -> int:
         plan_path(path, out)  # UserError: a plan names files inside its own folder only
     if args.dataset and args.images:
         raise UserError("give --dataset or --images, not both")
-    images, labels, dataset = _accuracy_data(args)
+    images, labels, dataset = _accuracy_data(args, overrides)
     plan = tune(args.models, images, labels, cfg, names, progress=not args.json,
-                dataset=dataset)  # fmt: skip
+                dataset=dataset, overrides=overrides)  # fmt: skip
     plan.write(out)
     if args.json:
         print(json.dumps({"format": plan.format, **dataclasses.asdict(plan)}, indent=2))
@@ -105,8 +105,9 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _accuracy_data(args) -> tuple[list, list | None, str | None]:
-    """Images, labels (None: agreement with fp32) and dataset name for tune's accuracy check.
+def _accuracy_data(args, overrides=None) -> tuple[list, list | None, str | None]:
+    """Images, labels (None: agreement with fp32) and dataset name for tune's accuracy check,
+    the first file read with ``overrides`` (--labels, ...).
 
     ``--dataset`` or ``--images`` when given, else the dataset the first file's
     metadata names (convforge exports record it, with its validation split).
@@ -116,10 +117,11 @@ def _accuracy_data(args) -> tuple[list, list | None, str | None]:
 
     what = "convforge tune"
     if args.dataset:
-        return (*_labelled_images(args.dataset, args.models[0], f"{what} --dataset"), args.dataset)
+        labelled = _labelled_images(args.dataset, args.models[0], f"{what} --dataset", overrides)
+        return (*labelled, args.dataset)
     if args.images:
         return image_files(args.images), None, None
-    own = read_info(args.models[0]).metadata.get("dataset")
+    own = read_info(args.models[0], overrides).metadata.get("dataset")
     if not own:
         raise UserError(
             f"{args.models[0]} does not name its dataset; give --dataset SPEC (top-1 on its "
@@ -127,7 +129,7 @@ def _accuracy_data(args) -> tuple[list, list | None, str | None]:
         )
     try:
         split = {"val_fraction": own["val_fraction"], "seed": own["seed"]}
-        images, labels = _labelled_images(own["spec"], args.models[0], what, **split)
+        images, labels = _labelled_images(own["spec"], args.models[0], what, overrides, **split)
     except UserError as e:
         raise UserError(
             f"{args.models[0]} was trained on {own['spec']}, which cannot be loaded here ({e}); "

@@ -164,9 +164,14 @@ def _model(data) -> dict:
     """The model section as given (a dict: the data sets classes and channels later)."""
     if isinstance(data, dict) and "arch" not in data:
         raise UserError("model.arch is missing; name a model (see `convforge models`)")
-    cfg = parse(ModelConfig, data, "model.", skip=MODEL_SKIP)
+    # stem "auto" is the recipe's own word: recipe_model picks small or imagenet by input size
+    given = data
+    if isinstance(data, dict):
+        given = {k: v for k, v in data.items() if (k, v) != ("stem", "auto")}
+    cfg = parse(ModelConfig, given, "model.", skip=MODEL_SKIP)
     _checked("model.arch", lambda: check_choice("model", cfg.arch, list_models()))
-    return {k: getattr(cfg, k) for k in data}  # the rest is checked with the input size
+    # the rest is checked with the input size
+    return {k: getattr(cfg, k) if k in given else data[k] for k in data}
 
 
 def _train(data, where: str) -> TrainConfig:

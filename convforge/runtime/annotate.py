@@ -1,6 +1,6 @@
 """``convforge annotate``: write convforge metadata into an ONNX file made elsewhere.
 
-    annotate("r18.onnx", "r18.cf.onnx", labels=["tench", ...], mean=[...], std=[...], resize=256)
+    annotate("r18.onnx", "r18.cf.onnx", ModelOverrides(classes=("tench", ...), resize_size=256))
 
 From then on the file serves with its labels and preprocessing like one of
 convforge's exports (:func:`convforge.contract.read_info` finds everything in
@@ -10,7 +10,9 @@ as the original on one random batch, with the same backend, before it
 replaces anything: the checked file is the one renamed onto the output, and
 a failure leaves no file behind (nor a changed output). Whatever is not given is the default
 a file without metadata gets (ImageNet statistics, resize to input / 0.875),
-written out, so the file says what it runs with.
+written out, so the file says what it runs with. The values are a
+:class:`~convforge.overrides.ModelOverrides`, the same that ``predict``, ``bench``,
+``serve`` and ``tune`` take from their command line for one run.
 """
 
 from __future__ import annotations
@@ -23,24 +25,19 @@ import numpy as np
 from convforge import __version__, contract
 from convforge.errors import UserError, check_int
 from convforge.files import Staging, together
+from convforge.overrides import ModelOverrides
 
 
 def annotate(
-    source,
-    out,
-    *,
-    labels: list[str] | None = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    resize: int | None = None,
-    output: str | None = None,
-    layout: str | None = None,
-    backend: str = "auto",
+    source, out, overrides: ModelOverrides | None = None, *, backend: str = "auto"
 ) -> dict:
-    """Write ``source`` with convforge metadata to ``out``; return what was written and how
-    it was checked. UserError for a value that does not fit the graph (labels count,
-    channel count, an output or layout it does not have)."""
+    """Write ``source`` with convforge metadata to ``out``, ``overrides`` in place of the
+    defaults; return what was written and how it was checked. UserError for a value that
+    does not fit the graph (labels count, channel count, an output or layout it does not
+    have)."""
     source, out = Path(source), Path(out)
+    given = overrides or ModelOverrides()
+    output, layout = given.output, given.layout
     model = contract.load_onnx(source)
     outputs = [o.name for o in model.graph.output]
     if output is not None and output not in outputs:
@@ -53,19 +50,20 @@ def annotate(
         k: v for k, v in (("layout", layout), ("output", output)) if v is not None
     }))  # fmt: skip
     with _scratch(model, out) as reference:
-        return _annotate(source, out, model, reference, labels, mean, std, resize, backend)
+        return _annotate(source, out, model, reference, given, backend)
 
 
-def _annotate(source, out, model, reference, labels, mean, std, resize, backend) -> dict:
+def _annotate(source, out, model, reference, given: ModelOverrides, backend) -> dict:
     info = contract.read_info(reference)
+    resize = given.resize_size
     spec = info.spec
     if spec.height != spec.width:
         raise UserError(f"{source}: input is {spec.height}x{spec.width}; annotate takes square")
     values = {
         "version": __version__,
         "arch": info.arch if info.arch != "unknown" else source.stem,
-        "mean": _per_channel("--mean", mean, info.mean, spec.channels),
-        "std": _per_channel("--std", std, info.std, spec.channels),
+        "mean": _per_channel("--mean", given.mean, info.mean, spec.channels),
+        "std": _per_channel("--std", given.std, info.std, spec.channels),
         "input_size": spec.height,
         "resize_size": check_int("--resize", resize) if resize is not None else info.resize_size,
         "channels": spec.channels,
@@ -78,8 +76,8 @@ def _annotate(source, out, model, reference, labels, mean, std, resize, backend)
         raise UserError(f"--resize {values['resize_size']} is below the input size {spec.height}")
     if any(s <= 0 for s in values["std"]):
         raise UserError(f"--std must be positive, got {values['std']}")
-    if labels is not None:
-        values["classes"] = _labels(labels, model, info.output_name)
+    if given.classes is not None:
+        values["classes"] = _labels(given.classes, model, info.output_name)
     contract.write_props(model, contract.encode(values))
     with together() as staging:  # the checked bytes are what replaces ``out``
         path = staging.file(out)

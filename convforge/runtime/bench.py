@@ -88,11 +88,14 @@ def timed(fn, cfg: BenchConfig) -> list[float]:
     return samples
 
 
-def bench_backend(name: str, path: str, cfg: BenchConfig, each=None, **options) -> list[dict]:
+def bench_backend(
+    name: str, path: str, cfg: BenchConfig, each=None, overrides=None, **options
+) -> list[dict]:
     """Records for one backend over ``cfg.batch_sizes``. ``each(backend, batch, records)``,
     if given, is called with each batch size's records while its instance is still loaded
-    (a benchmark keeps them at once, or adds its own measurements on that instance)."""
-    first = backends.create(name, path, **options)
+    (a benchmark keeps them at once, or adds its own measurements on that instance).
+    ``overrides``: the :class:`~convforge.overrides.ModelOverrides` the file is read with."""
+    first = backends.create(name, path, overrides=overrides, **options)
     if first.single_batch_size:
         groups = [(bs,) for bs in cfg.batch_sizes]
     else:
@@ -100,7 +103,7 @@ def bench_backend(name: str, path: str, cfg: BenchConfig, each=None, **options) 
     rng = np.random.default_rng(cfg.seed)
     records = []
     for i, sizes in enumerate(groups):
-        backend = first if i == 0 else backends.create(name, path, **options)
+        backend = first if i == 0 else backends.create(name, path, overrides=overrides, **options)
         t = time.perf_counter()
         backend.load()
         load_s = time.perf_counter() - t
@@ -144,6 +147,7 @@ def bench_matrix(
     labelled: tuple[list, list[int]] | None = None,
     skip_failures: bool = False,
     shapes: dict[str, tuple[int, ...]] | None = None,
+    overrides=None,
 ) -> tuple[list[dict], list[str]]:
     """Records for every model file x backend x batch size, and what was skipped, why.
 
@@ -155,7 +159,9 @@ def bench_matrix(
     inputs of its declared types with :func:`bench_graph` (``shapes`` sets its
     dynamic dims; no accuracy, no batch sizes). ``options[name]`` go to backend ``name``
     for the timing and the accuracy alike. ``labelled`` (raw images, labels)
-    adds each record's ``top1_accuracy``. UserError when nothing ran.
+    adds each record's ``top1_accuracy``. ``overrides`` (a
+    :class:`~convforge.overrides.ModelOverrides`: ``--mean``, ``--labels``, ...) win over
+    each file's metadata. UserError when nothing ran.
     """
     options = options or {}
     skipped: list[str] = []
@@ -168,13 +174,14 @@ def bench_matrix(
             (names.append(name) if ok else skipped.append(f"{name} ({why})"))
     records = []
     for path in models:
-        why = _not_a_classifier(path)
+        why = _not_a_classifier(path, overrides)
         if why is None:
-            sizes = _sizes_that_fit(path, cfg.batch_sizes, skipped)
+            sizes = _sizes_that_fit(path, cfg.batch_sizes, skipped, overrides)
             if not sizes:
                 continue
             run = functools.partial(_bench_classifier, path=path, labelled=labelled,
-                                    cfg=dataclasses.replace(cfg, batch_sizes=sizes))  # fmt: skip
+                                    cfg=dataclasses.replace(cfg, batch_sizes=sizes),
+                                    overrides=overrides)  # fmt: skip
         else:
             from convforge.runtime.any_graph import graph_inputs, random_feeds
 
@@ -197,12 +204,14 @@ def bench_matrix(
     return records, skipped
 
 
-def _bench_classifier(name: str, path: str, cfg: BenchConfig, labelled, **options) -> list[dict]:
+def _bench_classifier(
+    name: str, path: str, cfg: BenchConfig, labelled, overrides=None, **options
+) -> list[dict]:
     """bench_backend's records, each with its top-1 on ``labelled`` when given."""
-    records = bench_backend(name, path, cfg, **options)
+    records = bench_backend(name, path, cfg, overrides=overrides, **options)
     if labelled is None:
         return records
-    with load(path, backend=name, **options) as model:
+    with load(path, backend=name, overrides=overrides, **options) as model:
         acc = accuracy(model, *labelled)
     return [{**r, "top1_accuracy": acc} for r in records]
 
@@ -238,23 +247,24 @@ def bench_graph(name: str, path: str, cfg: BenchConfig, shapes: dict, **options)
         backend.close()
 
 
-def _not_a_classifier(path: str) -> str | None:
+def _not_a_classifier(path: str, overrides=None) -> str | None:
     """Why ``path`` is not an image classifier convforge can feed images, or None if it is
     (or cannot be read: the backends then say why)."""
     if not Path(path).is_file() or Path(path).suffix != ".onnx":
         return None
     try:
-        read_info(path)
+        read_info(path, overrides)
     except UserError as e:
         return str(e)
     return None
 
 
-def _sizes_that_fit(path: str, sizes: tuple[int, ...], skipped: list[str]) -> tuple[int, ...]:
+def _sizes_that_fit(path: str, sizes: tuple[int, ...], skipped: list[str],
+                    overrides=None) -> tuple[int, ...]:  # fmt: skip
     """The batch sizes a file takes (all but those a fixed batch dimension refuses, each
     noted in ``skipped``); a file that cannot be read is left to the backends to report."""
     try:
-        spec = read_info(path).spec
+        spec = read_info(path, overrides).spec
     except UserError:
         return sizes
     for bs in sizes:
@@ -386,18 +396,19 @@ def plot(path, records: list[dict]) -> None:
     save_png(fig, path)
 
 
-def bench_plan(plan, cfg: BenchConfig, labelled=None) -> list[dict]:
+def bench_plan(plan, cfg: BenchConfig, labelled=None, overrides=None) -> list[dict]:
     """Bench records of ``plan``'s configuration at each of ``cfg.batch_sizes`` (the entry
     closest to each), like :func:`bench_matrix`'s, plus
-    ``plan_batch_size``; ``labelled`` (raw images, labels) adds ``top1_accuracy``."""
+    ``plan_batch_size``; ``labelled`` (raw images, labels) adds ``top1_accuracy``;
+    ``overrides`` as :func:`bench_matrix` takes them."""
     records = []
     for bs in cfg.batch_sizes:
         entry = plan.entry(bs)
         plan.check_file(entry)
         one = dataclasses.replace(cfg, batch_sizes=(bs,))
-        rs = bench_backend(entry.backend, entry.file, one, **entry.options)
+        rs = bench_backend(entry.backend, entry.file, one, overrides=overrides, **entry.options)
         if labelled is not None:
-            with load(entry.file, backend=entry.backend, **entry.options) as model:
+            with load(entry.file, entry.backend, overrides=overrides, **entry.options) as model:
                 acc = accuracy(model, *labelled)
             rs = [{**r, "top1_accuracy": acc} for r in rs]
         records += [{"model": entry.file, "plan_batch_size": entry.batch_size, **r} for r in rs]

@@ -26,18 +26,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convforge.contract import read_info
+from convforge.overrides import ModelOverrides
 from convforge.runtime import backends
 from convforge.runtime.backends.options import PROFILE_OPTIONS
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration to time: ``backends.create(backend, file, **opts)`` at ``batch_size``."""
+    """One configuration to time: :meth:`create` (``backends.create(backend, file, **opts)``)
+    at ``batch_size``."""
 
     backend: str
     file: str
     batch_size: int
     options: tuple[tuple[str, object], ...]  # sorted (key, value): hashable
+    overrides: ModelOverrides | None = None  # what the file is read with (--mean, ...)
+
+    def create(self) -> backends.Backend:
+        """This configuration's backend, not loaded yet."""
+        return backends.create(self.backend, self.file, overrides=self.overrides, **self.opts)
 
     @property
     def opts(self) -> dict:
@@ -54,10 +61,11 @@ class Candidate:
         return f"{self.backend} {Path(self.file).name} {settings}".strip()
 
 
-def candidates(files, batch_sizes, names=None) -> tuple[list[Candidate], list[str]]:
+def candidates(files, batch_sizes, names=None, overrides=None) -> tuple[list[Candidate], list[str]]:
     """Every (backend, file, options, batch size) worth timing, and the backends left out
     with why. ``names``: the backends to try (default: every one, if available here);
-    an unknown name is a UserError listing the names."""
+    an unknown name is a UserError listing the names. ``overrides`` (a
+    :class:`~convforge.overrides.ModelOverrides`) win over each file's metadata."""
     names = list(backends.BACKENDS) if names is None else names
     out, skipped = [], []
     for name in names:
@@ -70,7 +78,7 @@ def candidates(files, batch_sizes, names=None) -> tuple[list[Candidate], list[st
             if not cls.runs(path):
                 skipped.append(f"{name} on {Path(path).name} (runs {', '.join(cls.suffixes)})")
                 continue
-            info = read_info(path)
+            info = read_info(path, overrides)
             precision = info.precision
             fp32 = precision == "fp32"
             if cls.fp32_only and not fp32:
@@ -87,5 +95,6 @@ def candidates(files, batch_sizes, names=None) -> tuple[list[Candidate], list[st
                 for opts in cls.tune_variants(bs, batch_sizes, fp32):
                     if info.spec.batch is not None:  # TensorRT builds for that batch alone
                         opts = {k: v for k, v in opts.items() if k not in PROFILE_OPTIONS}
-                    out.append(Candidate(name, str(path), bs, tuple(sorted(opts.items()))))
+                    options = tuple(sorted(opts.items()))
+                    out.append(Candidate(name, str(path), bs, options, overrides))
     return out, skipped

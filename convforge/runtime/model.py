@@ -91,7 +91,9 @@ class Model:
         self.close()
 
 
-def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options) -> Model:
+def load(
+    path, backend: str = "auto", batch_size: int = 32, plan=None, overrides=None, **options
+) -> Model:
     """Load an exported model (.onnx, or .pt2 for the torch backend) on ``backend``.
 
     The file runs in its own precision (OpenVINO computes fp32 files in f32, not bf16):
@@ -99,7 +101,9 @@ def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options
     ``options`` go to a named backend (e.g. ``threads=2`` for ort-cpu). A backend
     asked for by name that cannot run raises BackendUnavailable naming why;
     ``auto`` takes the first of :data:`~.backends.AUTO_ORDER` that loads and
-    lists the others in :attr:`Model.skipped`.
+    lists the others in :attr:`Model.skipped`. ``overrides`` (a
+    :class:`~convforge.overrides.ModelOverrides`: mean, std, resize, labels, output,
+    layout) win over the file's metadata, for the Model and its backend alike.
 
     ``plan`` (a ``convforge tune`` plan file or :class:`~.plan.Plan`) runs the plan's
     backend, file and options for the batch size closest to ``batch_size``
@@ -114,21 +118,22 @@ def load(path, backend: str = "auto", batch_size: int = 32, plan=None, **options
             raise UserError("load(plan=...) runs the plan's backend and options; give neither")
         plan = plan if isinstance(plan, Plan) else Plan.read(plan)
         plan.check_model(path)
-        return load_plan(plan, batch_size)
-    info = read_info(path)
-    engine, skipped = backends.load_backend(backend, str(path), **options)
+        return load_plan(plan, batch_size, overrides=overrides)
+    info = read_info(path, overrides)
+    engine, skipped = backends.load_backend(backend, str(path), overrides=overrides, **options)
     return Model(info, engine, batch_size, skipped)
 
 
-def load_plan(plan, batch_size: int = 1, check: bool = True) -> Model:
+def load_plan(plan, batch_size: int = 1, check: bool = True, overrides=None) -> Model:
     """A :class:`Model` running ``plan``'s entry for ``batch_size`` (a
     :class:`~convforge.runtime.plan.Plan`, :meth:`~.plan.Plan.entry`): its backend, file
     and options, with ``Model.batch_size`` the entry's. The entry's file is checked
     against the plan's hash first (:meth:`~.plan.Plan.check_file`); ``check`` also warns
-    when the plan was measured on another machine (:meth:`~.plan.Plan.check_environment`)."""
+    when the plan was measured on another machine (:meth:`~.plan.Plan.check_environment`).
+    ``overrides`` as :func:`load` takes them."""
     entry = plan.entry(batch_size)
     plan.check_file(entry)
     if check:
         plan.check_environment()
     return load(entry.file, backend=entry.backend, batch_size=entry.batch_size,
-                **entry.options)  # fmt: skip
+                overrides=overrides, **entry.options)  # fmt: skip

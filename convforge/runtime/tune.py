@@ -86,21 +86,23 @@ class TuneConfig:
 
 
 def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
-         progress: bool = False, dataset: str | None = None) -> Plan:  # fmt: skip
+         progress: bool = False, dataset: str | None = None, overrides=None) -> Plan:  # fmt: skip
     """Search as the module says. ``images``: raw images (paths, PIL images or uint8
     arrays); ``labels``: their classes, or None to compare with the fp32 file's top-1;
     ``names``: the backends to try (default: all available); ``dataset``: recorded in
-    the plan. UserError when a file is unreadable, none is fp32, or nothing could run."""
+    the plan; ``overrides`` (a :class:`~convforge.overrides.ModelOverrides`: ``--mean``,
+    ``--labels``, ...) win over every file's metadata, for each candidate. UserError when
+    a file is unreadable, none is fp32, or nothing could run."""
     from tqdm import tqdm
 
     cfg = (cfg or TuneConfig()).check()
     cfg = dataclasses.replace(cfg, batch_sizes=tuple(sorted(set(cfg.batch_sizes))))
     start = time.perf_counter()
-    files, infos = _with_reference_first(files)
+    files, infos = _with_reference_first(files, overrides)
     reference = files[0]
     images, labels = _sample(images, labels, cfg)
     batches = _preprocessed(images, infos)
-    pool, skipped = candidates(files, cfg.batch_sizes, names)
+    pool, skipped = candidates(files, cfg.batch_sizes, names, overrides)
     # Every file a candidate reads (a torch .pt2 too), hashed before any runs: the plan
     # runs only what was measured (Plan.check_file).
     reads = [f for c in pool for f in backends.backend_class(c.backend).reads(c.file)]
@@ -110,7 +112,7 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
                leave=False, disable=None if progress else True)  # fmt: skip
     chunk = max(cfg.batch_sizes)
     name = "ort-cpu" if backends.backend_class("ort-cpu").available()[0] else "auto"
-    ref, _ = backends.load_backend(name, reference)
+    ref, _ = backends.load_backend(name, reference, overrides=overrides)
     try:
         ref_top1 = top1(ref, batches[reference], chunk)
     finally:
@@ -157,11 +159,11 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
     )
 
 
-def _with_reference_first(files) -> tuple[list[str], dict]:
+def _with_reference_first(files, overrides=None) -> tuple[list[str], dict]:
     """``files`` resolved, once each, the first fp32 one (the accuracy reference) first;
     and their ModelInfo. UserError when none is fp32."""
     files = list(dict.fromkeys(str(Path(f).resolve()) for f in files))
-    infos = {f: read_info(f) for f in files}
+    infos = {f: read_info(f, overrides) for f in files}
     reference = next((f for f in files if infos[f].precision == "fp32"), None)
     if reference is None:
         raise UserError("tune needs the fp32 file among its files: it is the accuracy reference")
@@ -196,7 +198,7 @@ def _measure(pool, batches, accuracy, ref_acc, cfg: TuneConfig, start, bar) -> l
 def _accuracy(c: Candidate, batch, truth, chunk: int) -> tuple[float | None, str, str | None]:
     """(top-1 or None, why it could not run, the precision that ran or None)."""
     try:
-        with backends.create(c.backend, c.file, **c.opts) as b:
+        with c.create() as b:
             return float(np.mean(top1(b, batch, chunk) == truth)), "", b.precision
     except Exception as e:  # noqa: BLE001 -- recorded with its reason, shown in the table
         return None, _reason(e), None
@@ -248,7 +250,7 @@ class _Timed:
 def _load(c: Candidate, images: np.ndarray, record: dict) -> list[_Timed]:
     """[the loaded, warmed-up candidate], or [] with the record marked failed."""
     batch = np.resize(images, (c.batch_size, *images.shape[1:]))  # repeats when too few
-    backend = backends.create(c.backend, c.file, **c.opts)
+    backend = c.create()
     try:
         backend.load()
         for _ in range(1 + WARMUP_ITERS):

@@ -61,7 +61,7 @@ def test_bad_batch_size_is_a_user_error():
 
 
 def test_unknown_init_is_a_user_error():
-    with pytest.raises(UserError, match="unknown init 'he'"):
+    with pytest.raises(UserError, match="unknown --init 'he'"):
         run_init_experiment(ModelConfig("plain"), ["he"])
 
 

@@ -35,12 +35,12 @@ def test_duplicate_name_is_refused():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"activation": "swish"}, "unknown activation 'swish'; choose one of: relu, leaky_relu"),
-        ({"norm": "weight"}, "unknown norm 'weight'; choose one of: batch, group, layer"),
-        ({"init": "orthogonal"}, "unknown init 'orthogonal'; choose one of: kaiming, xavier"),
-        ({"stem": "cifar"}, "unknown stem 'cifar'; choose one of: imagenet, small"),
-        ({"num_classes": 0}, "num_classes must be a positive integer"),
-        ({"in_channels": 2.5}, "in_channels must be a positive integer"),
+        ({"activation": "swish"}, "unknown --activation 'swish'; choose one of: relu, leaky_relu"),
+        ({"norm": "weight"}, "unknown --norm 'weight'; choose one of: batch, group, layer"),
+        ({"init": "orthogonal"}, "unknown --init 'orthogonal'; choose one of: kaiming, xavier"),
+        ({"stem": "cifar"}, "unknown --stem 'cifar'; choose one of: imagenet, small"),
+        ({"num_classes": 0}, "--num-classes must be a positive integer"),
+        ({"in_channels": 2.5}, "--in-channels must be a positive integer"),
         ({"depth": 5}, "model 'resnet18' has no option depth; it takes: base_width"),
     ],
 )

@@ -103,8 +103,8 @@ def test_diagnose_init_reports_the_spread_over_seeds(tmp_path, capsys):
     "argv, message",
     [
         (["diagnose", "init", "--model", "resnet19"], "unknown model 'resnet19'; choose one of:"),
-        (["diagnose", "init", "--activation", "swish"], "unknown activation 'swish'"),
-        (["diagnose", "init", "--init", "he"], "unknown init 'he'; choose one of: kaiming"),
+        (["diagnose", "init", "--activation", "swish"], "unknown --activation 'swish'"),
+        (["diagnose", "init", "--init", "he"], "unknown --init 'he'; choose one of: kaiming"),
         (
             ["diagnose", "init", "--norm", "group", "--num-groups", "5"],
             "num_groups=5 does not divide a layer of 64 channels",
@@ -113,7 +113,7 @@ def test_diagnose_init_reports_the_spread_over_seeds(tmp_path, capsys):
             ["diagnose", "init", "--model", "resnet18", "--depth", "3"],
             "model 'resnet18' has no option depth",
         ),
-        (["models", "--stem", "cifar"], "unknown stem 'cifar'"),
+        (["models", "--stem", "cifar"], "unknown --stem 'cifar'"),
         (["models", "--input-size", "0"], "input size (px) must be a positive integer"),
         (["models", "--input-size", "16"], "cannot take 16 px input"),
     ],

@@ -64,7 +64,7 @@ def test_finetune_feature_extract_keeps_the_backbone(tmp_path, capsys):
     [
         (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["train", "--dataset", "imagefolder:/no/such/dir"], "/no/such/dir"),
-        (["train", "--optimizer", "adam"], "unknown optimizer 'adam'"),
+        (["train", "--optimizer", "adam"], "unknown --optimizer 'adam'"),
         (["train", "--augment", "heavy"], "unknown"),
         (["train", "--model", "resnet19"], "unknown model 'resnet19'"),
         (["train", "--resume", "/no/last.pt"], "does not exist"),

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 from convforge.cli import main
 from convforge.contract import read_info, read_props
 from convforge.errors import UserError
+from convforge.overrides import ModelOverrides
 from convforge.runtime import backends, load
 from convforge.runtime.annotate import annotate
 
@@ -40,8 +41,9 @@ def two_outputs(tmp_path):
 
 def test_annotate_round_trips(two_outputs, tmp_path):
     out = tmp_path / "annotated.onnx"
-    done = annotate(two_outputs, out, labels=["red", "green", "blue", ""], output="scores",
-                    mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], resize=10)  # fmt: skip
+    given = ModelOverrides(classes=("red", "green", "blue", ""), output="scores", resize_size=10,
+                           mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # fmt: skip
+    done = annotate(two_outputs, out, given)
     assert done["checked"]["identical"]
     info = read_info(out)
     assert info.defaults == () and info.output_name == "scores"
@@ -70,18 +72,18 @@ def test_without_options_the_defaults_are_written_out(two_outputs, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"labels": ["a", "b"], "output": "scores"}, "2 labels for output 'scores' of 3 scores"),
+        ({"classes": ("a", "b"), "output": "scores"}, "2 labels for output 'scores' of 3 scores"),
         ({"output": "boxes"}, "--output 'boxes' is not an output of"),
-        ({"mean": [0.5]}, "--mean takes 3 value(s), one per channel; got 1"),
-        ({"std": [1, 0, 1]}, "--std must be positive"),
-        ({"resize": 4}, "--resize 4 is below the input size 8"),
+        ({"mean": (0.5,)}, "--mean takes 3 value(s), one per channel; got 1"),
+        ({"std": (1, 0, 1)}, "--std must be positive"),
+        ({"resize_size": 4}, "--resize 4 is below the input size 8"),
         ({"layout": "CHWN"}, "--layout 'CHWN'; accepted: NCHW, NHWC"),
-        ({"labels": ["", " "]}, "no labels given"),
+        ({"classes": ("", " ")}, "no labels given"),
     ],
 )
 def test_values_that_do_not_fit_are_refused(two_outputs, tmp_path, kwargs, message):
     with pytest.raises(UserError) as e:
-        annotate(two_outputs, tmp_path / "a.onnx", **kwargs)
+        annotate(two_outputs, tmp_path / "a.onnx", ModelOverrides(**kwargs))
     assert message in str(e.value)
     assert not (tmp_path / "a.onnx").exists() and len(list(tmp_path.iterdir())) == 1
 
@@ -185,3 +187,45 @@ def test_a_full_disk_leaves_no_file_and_the_old_output(two_outputs, tmp_path, mo
     with pytest.raises(UserError, match="No space left on device"):
         annotate(two_outputs, tmp_path / "a.onnx")
     assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("command", "output_flags"),
+    [("predict m.onnx i.png", {"--output", "--output-name"}),
+     ("bench m.onnx", {"--output", "--output-name"}),
+     ("serve m.onnx", {"--output", "--output-name"}),
+     ("tune m.onnx -o plan.json", {"--output-name"}), ("annotate m.onnx -o a.onnx", {"--output"})],
+)  # fmt: skip
+def test_every_command_takes_the_override_flags_of_one_class(command, output_flags, tmp_path):
+    """The override options of each command come from ModelOverrides' fields (tune's own
+    --output is its plan, annotate's output flag is --output), and give back that class."""
+    from convforge.cli import options, runtime, tune
+
+    command, *required = command.split()
+    parser = options.Parser(prog=command)
+    {**runtime.PARSERS, **tune.PARSERS}[command](parser)
+    flags = {flag for action in parser._actions if action.dest.startswith(options.OVERRIDE)
+             for flag in action.option_strings}  # fmt: skip
+    assert flags == {"--mean", "--std", "--resize", "--labels", "--layout", *output_flags}
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\n")
+    output = sorted(output_flags)[-1]
+    given = ["--labels", str(labels), "--mean", "0.5,0.5,0.5", "--resize", "10", output, "s"]
+    args = parser.parse_args([*required, *given])
+    assert options.model_overrides(args) == ModelOverrides(
+        mean=(0.5, 0.5, 0.5), resize_size=10, classes=("red", "green"), output="s"
+    )
+
+
+def test_a_sibling_reads_the_file_with_the_same_overrides(two_outputs):
+    """Overrides travel with the backend: a serve instance made by sibling() sees them too."""
+    if not backends.backend_class("ort-cpu").available()[0]:
+        pytest.skip("needs onnxruntime (the cpu extra)")
+    given = ModelOverrides(output="scores", classes=("red", "green", "blue"))
+    first = backends.create("ort-cpu", str(two_outputs), overrides=given).load()
+    try:
+        second = first.sibling()
+        second.close()
+    finally:
+        first.close()
+    assert second.info.output_name == "scores" and second.info.classes == ["red", "green", "blue"]

@@ -132,9 +132,9 @@ def test_the_matrix_times_and_scores_with_the_same_backend_options(onnx_file, mo
     created = []
     real_create = backends.create
 
-    def spy(name, path, **options):
+    def spy(name, path, overrides=None, **options):
         created.append((name, options))
-        return real_create(name, path, **options)
+        return real_create(name, path, overrides, **options)
 
     monkeypatch.setattr(backends, "create", spy)
     images = list(np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))

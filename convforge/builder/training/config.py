@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from convforge.builder.data.augment import AugmentConfig
 from convforge.builder.registry import ModelConfig, get_entry
-from convforge.errors import UserError, check_choice, check_int
-from convforge.settings import setting
+from convforge.errors import UserError
+from convforge.settings import check_ranges, setting
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "onecycle")
@@ -27,60 +27,69 @@ class TrainConfig:
         "digits, synthetic[:classes=N,size=PX,...], imagefolder:DIR, cifar10:DIR, "
         "cifar100:DIR, mnist:DIR or fashion-mnist:DIR (local files only)",
     )
-    input_size: int = setting(32, "square side in px the model sees (digits' 8 px are upsampled)")
+    input_size: int = setting(
+        32, "square side in px the model sees (digits' 8 px are upsampled)", minimum=1
+    )
     val_fraction: float = setting(0.1, "held out, stratified, when the data has no validation part")
     augment: AugmentConfig = setting(factory=AugmentConfig, cli=False)  # its own options
     # Optimization
-    epochs: int = setting(15, "full passes over the training split")
-    batch_size: int = setting(64, "images per step per process (global batch: x processes)")
-    optimizer: str = setting("sgd", f"{' or '.join(OPTIMIZERS)} (SGD: momentum, Nesterov)")
+    epochs: int = setting(15, "full passes over the training split", minimum=1)
+    batch_size: int = setting(
+        64, "images per step per process (global batch: x processes)", minimum=1
+    )
+    optimizer: str = setting(
+        "sgd", f"{' or '.join(OPTIMIZERS)} (SGD: momentum, Nesterov)", choices=OPTIMIZERS
+    )
     lr: float | None = setting(
         None, "peak learning rate; default: 0.4 x batch/256 for sgd, 1e-3 for adamw"
     )
     momentum: float = setting(0.9, "SGD momentum")
     nesterov: bool = setting(True, "Nesterov momentum for SGD")
     weight_decay: float | None = setting(
-        None, "L2 on conv/linear weights only; default: 5e-4 sgd, 0.05 adamw"
+        None, "L2 on conv/linear weights only; default: 5e-4 sgd, 0.05 adamw", minimum=0.0
     )
-    schedule: str = setting("cosine", f"per-step LR schedule: {', '.join(SCHEDULES)}")
-    warmup_epochs: float = setting(1.0, "linear warmup from 0.1 x lr (cosine and step schedules)")
-    step_epochs: int = setting(30, "step schedule: multiply the LR by --step-gamma this often")
+    schedule: str = setting(
+        "cosine", f"per-step LR schedule: {', '.join(SCHEDULES)}", choices=SCHEDULES
+    )
+    warmup_epochs: float = setting(
+        1.0, "linear warmup from 0.1 x lr (cosine and step schedules)", minimum=0.0
+    )
+    step_epochs: int = setting(
+        30, "step schedule: multiply the LR by --step-gamma this often", minimum=1
+    )
     step_gamma: float = setting(0.1, "step schedule: LR factor")
     label_smoothing: float = setting(0.1, "target = (1 - eps) one-hot + eps uniform")
-    clip_grad_norm: float = setting(0.0, "max global gradient L2 norm; 0 = no clipping")
+    clip_grad_norm: float = setting(
+        0.0, "max global gradient L2 norm; 0 = no clipping", minimum=0.0
+    )
     # Numerics and speed
-    amp: str = setting("off", "mixed precision: off, bf16 (CPU or CUDA), fp16 (CUDA), auto")
+    amp: str = setting(
+        "off", "mixed precision: off, bf16 (CPU or CUDA), fp16 (CUDA), auto", choices=AMP_MODES
+    )
     channels_last: bool = setting(False, "NHWC memory format (faster convs on many CPUs/GPUs)")
     ema_decay: float = setting(0.0, "EMA of the weights, evaluated apart (e.g. 0.999; 0 = off)")
-    device: str = setting("auto", "auto (CUDA when present), cpu or cuda")
-    workers: int = setting(0, "DataLoader worker processes (0 = load in the training process)")
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICES)
+    workers: int = setting(
+        0, "DataLoader worker processes (0 = load in the training process)", minimum=0
+    )
     # Reproducibility and monitoring
-    seed: int = setting(0, "seeds the split, init, shuffling and augmentation")
+    seed: int = setting(0, "seeds the split, init, shuffling and augmentation", minimum=0)
     deterministic: bool = setting(False, "deterministic kernels only (slower on GPU)")
     patience: int = setting(
-        0, "stop after this many epochs without a better val accuracy; 0: never"
+        0, "stop after this many epochs without a better val accuracy; 0: never", minimum=0
     )
     overfit_window: int = setting(
-        3, "warn after this many epochs of rising val loss and falling train loss"
+        3, "warn after this many epochs of rising val loss and falling train loss", minimum=0
     )
     out: str = setting("runs/train", "run folder: best.pt, last.pt, metrics.csv, curves.png")
 
     def resolved(self) -> TrainConfig:
         """Defaults filled in (lr, weight decay) and every field checked (UserError if bad)."""
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("amp mode", self.amp, AMP_MODES)
-        check_choice("device", self.device, DEVICES)
-        for name in ("epochs", "batch_size", "input_size", "step_epochs"):
-            check_int(name, getattr(self, name))
-        for name in ("workers", "patience", "overfit_window", "seed"):
-            check_int(name, getattr(self, name), minimum=0)
+        check_ranges(self)  # choices and ranges declared on the fields; the rest below
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"EMA decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if self.clip_grad_norm < 0 or self.warmup_epochs < 0:
-            raise UserError("clip_grad_norm and warmup_epochs must be >= 0")
         lr = self.lr if self.lr is not None else _default_lr(self.optimizer, self.batch_size)
         if lr <= 0:
             raise UserError(f"learning rate must be positive, got {lr}")

@@ -71,15 +71,16 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def create(name: str, path: str, **options) -> Backend:
-    """An unloaded backend ``name`` (not ``auto``: that one is chosen by loading)."""
+def create(name: str, path: str, overrides=None, **options) -> Backend:
+    """An unloaded backend ``name`` (not ``auto``: that one is chosen by loading) that reads
+    ``path`` with ``overrides`` (a :class:`~convforge.overrides.ModelOverrides`, or None)."""
     cls = backend_class(name)
     if cls.gpu:
         check_onnxruntime_builds()
-    return cls(path, **options)
+    return cls(path, overrides=overrides, **options)
 
 
-def load_backend(name: str, path: str, **options) -> tuple[Backend, list[dict]]:
+def load_backend(name: str, path: str, overrides=None, **options) -> tuple[Backend, list[dict]]:
     """A loaded backend for the model at ``path``, and the ``auto`` candidates it skipped.
 
     ``name`` is a backend name (loaded as asked, or an error) or ``auto``: each
@@ -87,10 +88,10 @@ def load_backend(name: str, path: str, **options) -> tuple[Backend, list[dict]]:
     come back as ``{"backend", "why"}`` records. A candidate is skipped only
     for :class:`BackendUnavailable` (it cannot run this file here); any other
     error, such as a missing or unreadable file, is raised at once. ``options``
-    need a named backend.
+    need a named backend. ``overrides``: as :func:`create` takes them.
     """
     if name != "auto":
-        return create(name, path, **options).load(), []
+        return create(name, path, overrides=overrides, **options).load(), []
     if options:
         raise UserError(f"backend options ({', '.join(options)}) need a named backend, not auto")
     check_onnxruntime_builds()
@@ -104,7 +105,7 @@ def load_backend(name: str, path: str, **options) -> tuple[Backend, list[dict]]:
             skipped.append({"backend": candidate, "why": why})
             continue
         try:
-            return cls(path).load(), skipped
+            return cls(path, overrides=overrides).load(), skipped
         except BackendUnavailable as e:
             skipped.append({"backend": candidate, "why": str(e)})
     reasons = "; ".join(f"{s['backend']}: {s['why']}" for s in skipped)

@@ -79,8 +79,10 @@ class Backend:
         GPU backends went without compute-only timing."""
         return isinstance(self, DeviceResident)
 
-    def __init__(self, path: str, **options) -> None:
+    def __init__(self, path: str, overrides=None, **options) -> None:
         self.path = str(path)
+        # what the user says about the file (--mean, --labels, ...): every read_info of it
+        self.overrides = overrides  # a convforge.overrides.ModelOverrides, or None
         self.options = parse_options(self.Options, options, self.name)
         self._given = dict(options)  # as given: for sibling(), and which options were set
         self.spec: InputSpec | None = None  # set by load()
@@ -166,7 +168,7 @@ class Backend:
         """
         if not self._loaded:
             raise RuntimeError(f"{self.name}: call load() before sibling()")
-        return type(self)(self.path, **self._given).load()
+        return type(self)(self.path, overrides=self.overrides, **self._given).load()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (float32 [N, K]) for ``batch``: float32 [N, C, H, W], preprocessed, or
@@ -219,9 +221,9 @@ class Backend:
     # -- hooks -----------------------------------------------------------------------------
 
     def _read_info(self) -> ModelInfo:
-        """The info of the file this instance runs (hook: the torch backend reads the
-        ``.onnx`` beside its program)."""
-        return read_info(self.path)
+        """The info of the file this instance runs, read with :attr:`overrides` (hook: the
+        torch backend reads the ``.onnx`` beside its program)."""
+        return read_info(self.path, self.overrides)
 
     def _load(self, info: ModelInfo) -> InputSpec:
         raise NotImplementedError

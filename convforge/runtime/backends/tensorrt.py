@@ -262,7 +262,7 @@ class TensorRT(Backend, DeviceResident):
         the last instance sharing it is closed."""
         if not self._loaded:
             raise RuntimeError(f"{self.name}: call load() before sibling()")
-        other = type(self)(self.path, **self._given)
+        other = type(self)(self.path, overrides=self.overrides, **self._given)
         for attr in ("info", "spec", "precision", "profile", "engine_path", "cache_hit",
                      "build_seconds", "trt_version", "gpu_name", "_input_name", "_output_name",
                      "_dtypes", "_rt", "_shared"):  # fmt: skip

@@ -234,7 +234,7 @@ class TorchProgram(Backend, DeviceResident):
             raise BackendUnavailable(f"backend {self.name!r} is not available: {why}")
         source = Path(self.path)
         if not self.program.is_file() and source.suffix == ".onnx" and source.is_file():
-            precision = read_info(source).precision
+            precision = read_info(source, self.overrides).precision
             if precision != "fp32":
                 raise UserError(
                     f"the torch backend runs the fp32 .pt2 program; {source.name} is an "
@@ -245,7 +245,8 @@ class TorchProgram(Backend, DeviceResident):
                 f"{self.program} does not exist: the torch backend runs the .pt2 program "
                 "that `convforge export` writes beside the .onnx; re-export the checkpoint"
             )
-        return read_info(source if source.suffix == ".onnx" and source.is_file() else self.program)
+        path = source if source.suffix == ".onnx" and source.is_file() else self.program
+        return read_info(path, self.overrides)
 
     def _load(self, info: ModelInfo) -> InputSpec:
         import torch

@@ -34,6 +34,7 @@ import numpy as np
 
 from convforge.contract import INPUT_NAME, OUTPUT_NAME, read_info
 from convforge.errors import first_line
+from convforge.overrides import ModelOverrides
 from convforge.runtime import backends
 from convforge.runtime.serve.batcher import Batcher, BatchingConfig, runner_thread
 from convforge.runtime.serve.kserve_sdk import (
@@ -60,11 +61,13 @@ class ServedModel(kserve.Model):
         batching: BatchingConfig | None = None,
         metrics: ServerMetrics | None = None,
         max_image_pixels: int | None = None,
+        overrides: ModelOverrides | None = None,
     ) -> None:
         super().__init__(name)
         self.max_image_pixels = max_image_pixels  # classify's limit (None: Pillow's own)
         self.path = str(path)
-        self.info = read_info(path)
+        self.overrides = overrides  # what the user says about the file (--mean, --labels, ...)
+        self.info = read_info(path, overrides)
         self.backend_name = backend
         self.options = dict(options or {})
         self.batching = (batching or BatchingConfig()).check()
@@ -101,8 +104,9 @@ class ServedModel(kserve.Model):
         loaded: list[backends.Backend] = []
         try:
             chosen = threads[0].submit(
-                backends.load_backend, self.backend_name, self.path, **self.options
-            )
+                backends.load_backend, self.backend_name, self.path, self.overrides,
+                **self.options,
+            )  # fmt: skip
             first, self.skipped = chosen.result()
             loaded.append(first)
             fixed = self.info.spec.batch  # a graph with a fixed batch size runs exactly that many

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from convforge.errors import UserError
+from convforge.overrides import ModelOverrides
 from convforge.runtime.serve.batcher import BatchingConfig
 from convforge.runtime.serve.grpc_server import build_server
 from convforge.runtime.serve.http_app import build_app, new_dataplane
@@ -91,6 +92,9 @@ class ServeConfig:
     )  # fmt: skip
     options: dict = setting(factory=dict, help="backend options", cli=False)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    overrides: ModelOverrides | None = setting(
+        None, "metadata every model is read with (--mean, --labels, ...)", cli=False
+    )
 
     def check(self) -> ServeConfig:
         """This config if every number is in range (one line naming the first that is not)."""
@@ -136,6 +140,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[Running], None] | None 
             config.batching,
             metrics,
             max_image_pixels=int(config.max_image_mp * 1e6),
+            overrides=config.overrides,
         )  # fmt: skip
         for name, path in config.models.items()
     ]

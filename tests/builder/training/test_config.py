@@ -14,11 +14,11 @@ def test_defaults_resolve_by_optimizer():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"optimizer": "adam"}, "unknown optimizer 'adam'; choose one of: sgd, adamw"),
-        ({"schedule": "linear"}, "unknown schedule 'linear'"),
-        ({"amp": "fp8"}, "unknown amp mode 'fp8'"),
+        ({"optimizer": "adam"}, "unknown --optimizer 'adam'; choose one of: sgd, adamw"),
+        ({"schedule": "linear"}, "unknown --schedule 'linear'"),
+        ({"amp": "fp8"}, "unknown --amp 'fp8'"),
         ({"epochs": 0}, "epochs must be a positive integer"),
-        ({"batch_size": -1}, "batch_size must be a positive integer"),
+        ({"batch_size": -1}, "--batch-size must be a positive integer"),
         ({"label_smoothing": 1.0}, "label smoothing must be in [0, 1)"),
         ({"ema_decay": 1.5}, "EMA decay must be in [0, 1)"),
         ({"lr": -0.1}, "learning rate must be positive"),
