@@ -6,7 +6,7 @@
 
 The fields generate the ``--mean --std --resize --labels --output --layout``
 options of ``predict``, ``bench``, ``serve``, ``tune`` and ``annotate``
-(:func:`convforge.cli.options.add_model_overrides`); ``convforge annotate`` writes
+(:func:`convforge.cli.arguments.add_model_overrides`); ``convforge annotate`` writes
 the same values into a copy of the file. Each is a metadata key of the file
 contract (:data:`convforge.contract.KEYS`) and wins over the file's own value;
 None keeps the file's, else the default. Values are checked against the graph

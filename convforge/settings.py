@@ -7,7 +7,7 @@ one engine that turns what a user gave into such a class, so each is said once.
 
     cfg = parse(TrainConfig, {"epochs": "3"}, "train.")   # UserError: one line, the key, why
 
-The command line is generated from such fields (:mod:`convforge.cli.options`):
+The command line is generated from such fields (:mod:`convforge.cli.arguments`):
 the option's type comes from the annotation, its default from the field and
 its help from here, so a new field is a new option with nothing else to
 write. ``flag`` renames the option (``--model`` for ``arch``); ``cli=False``

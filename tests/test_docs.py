@@ -101,7 +101,7 @@ def test_every_relative_link_in_docs_resolves(page):
 def _command_flags() -> dict[str, list[str]]:
     """Every command of ``convforge`` -> its long options, from the parsers the CLI builds."""
     from convforge import cli, extras
-    from convforge.cli.options import Parser
+    from convforge.cli.arguments import Parser
 
     def flags(parser) -> list[str]:
         out = []

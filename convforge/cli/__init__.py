@@ -5,7 +5,7 @@ finetune, augment-preview), :mod:`.export` (export), :mod:`.runtime` (inspect,
 annotate, predict, bench, backends, serve), :mod:`.tune` (tune), :mod:`.plan`
 (``--plan`` for predict, bench and serve) and :mod:`.pipeline` (pipeline, demo).
 A command's parser is built only when that command runs, from the settings
-dataclasses of the part it calls (:mod:`.options`): ``convforge predict``
+dataclasses of the part it calls (:mod:`.arguments`): ``convforge predict``
 never imports torch, and a command whose extra is not installed says which one in
 a line before anything else happens (:mod:`convforge.extras`).
 
@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 
 from convforge import __version__, extras
-from convforge.cli.options import Parser
+from convforge.cli.arguments import Parser
 from convforge.errors import UserError, check_choice
 
 TRAIN = ("torch", "torchvision", "sklearn", "matplotlib")  # what builder commands import

@@ -1,7 +1,7 @@
 """The builder's commands: models, diagnose init, train, finetune, augment-preview.
 
 Their options are generated from ``ModelConfig``, ``TrainConfig``,
-``AugmentConfig`` and ``FinetuneOptions`` (see :mod:`.options`); the
+``AugmentConfig`` and ``FinetuneOptions`` (see :mod:`.arguments`); the
 architecture options (``--depth``, ``--base-width``, ...) from the model
 registry. Building a parser here imports torch.
 """
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from convforge.cli.options import add_json, add_settings, csv, settings_from, settings_values
+from convforge.cli.arguments import add_json, add_settings, csv, settings_from, settings_values
 from convforge.errors import UserError, check_int
 
 

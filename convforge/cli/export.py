@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from convforge.cli.options import add_json, add_settings, settings_from
+from convforge.cli.arguments import add_json, add_settings, settings_from
 
 
 def export_parser(p: argparse.ArgumentParser) -> None:

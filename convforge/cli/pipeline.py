@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from convforge import extras
-from convforge.cli.options import add_json
+from convforge.cli.arguments import add_json
 
 
 def pipeline_parser(p: argparse.ArgumentParser) -> None:

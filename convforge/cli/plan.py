@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from convforge.cli.options import given, settings_from
+from convforge.cli.arguments import given, settings_from
 from convforge.errors import UserError
 
 PLAN_HELP = "a plan from `convforge tune`: run its backend, file and options"

@@ -11,7 +11,7 @@ import argparse
 import json
 
 from convforge import extras
-from convforge.cli.options import (
+from convforge.cli.arguments import (
     add_backend_options,
     add_json,
     add_model_overrides,

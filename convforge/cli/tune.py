@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from convforge import extras
-from convforge.cli.options import (
+from convforge.cli.arguments import (
     add_json,
     add_model_overrides,
     add_settings,

@@ -125,7 +125,7 @@ def test_an_unlisted_missing_library_is_still_one_line(monkeypatch, capsys):
 
 
 def test_backend_booleans_from_the_command_line_mean_what_they_say():
-    from convforge.cli.options import backend_options
+    from convforge.cli.arguments import backend_options
     from convforge.runtime.backends import BACKENDS, backend_class
 
     given = backend_options(["torch.compile=no", "torch.channels_last=yes"], BACKENDS)["torch"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from convforge.cli import main
-from convforge.cli.options import Parser
+from convforge.cli.arguments import Parser
 from convforge.cli.plan import use_plan
 from convforge.cli.runtime import serve_config, serve_parser
 from convforge.errors import UserError

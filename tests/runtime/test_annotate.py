@@ -199,12 +199,12 @@ def test_a_full_disk_leaves_no_file_and_the_old_output(two_outputs, tmp_path, mo
 def test_every_command_takes_the_override_flags_of_one_class(command, output_flags, tmp_path):
     """The override options of each command come from ModelOverrides' fields (tune's own
     --output is its plan, annotate's output flag is --output), and give back that class."""
-    from convforge.cli import options, runtime, tune
+    from convforge.cli import arguments, runtime, tune
 
     command, *required = command.split()
-    parser = options.Parser(prog=command)
+    parser = arguments.Parser(prog=command)
     {**runtime.PARSERS, **tune.PARSERS}[command](parser)
-    flags = {flag for action in parser._actions if action.dest.startswith(options.OVERRIDE)
+    flags = {flag for action in parser._actions if action.dest.startswith(arguments.OVERRIDE)
              for flag in action.option_strings}  # fmt: skip
     assert flags == {"--mean", "--std", "--resize", "--labels", "--layout", *output_flags}
     labels = tmp_path / "labels.txt"
@@ -212,7 +212,7 @@ def test_every_command_takes_the_override_flags_of_one_class(command, output_fla
     output = sorted(output_flags)[-1]
     given = ["--labels", str(labels), "--mean", "0.5,0.5,0.5", "--resize", "10", output, "s"]
     args = parser.parse_args([*required, *given])
-    assert options.model_overrides(args) == ModelOverrides(
+    assert arguments.model_overrides(args) == ModelOverrides(
         mean=(0.5, 0.5, 0.5), resize_size=10, classes=("red", "green"), output="s"
     )
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from convforge.cli import main
-from convforge.cli.options import Parser, add_settings, backend_options, settings_from
+from convforge.cli.arguments import Parser, add_settings, backend_options, settings_from
 from convforge.errors import UserError
 from convforge.settings import setting
 
