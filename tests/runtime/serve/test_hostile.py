@@ -224,6 +224,18 @@ def test_json_requests_of_any_content_type_are_parsed_by_the_same_checks(server)
     assert wrong.status_code == 400 and "inputs" in wrong.json()["error"]
 
 
+@pytest.mark.parametrize("body", [b"[1]", b'"x"', b"null"])
+def test_a_json_body_that_is_not_an_object_is_a_400_in_one_line(server, body):
+    # Valid JSON, but no object to look 'inputs' up in: the user's mistake, said in one line,
+    # not an AttributeError from the schema check turned into a 500.
+    response = httpx.post(
+        f"{server.url}{INFER}", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": "the request must be a JSON object with 'inputs'"}
+    _still_serves(server)
+
+
 def test_a_json_body_has_its_own_smaller_limit():
     with start(max_body_mb=1.0, max_json_mb=0.01) as small:
         response = httpx.post(f"{small.url}{INFER}", json=_v2(np.zeros((32, 1, 16, 16))))
