@@ -31,6 +31,7 @@ EXTRA_OF = {
     "onnxscript": ("onnxscript (the ONNX exporter)", "train"),
     "onnxconverter_common": ("onnxconverter-common (fp16 conversion)", "train"),
     "yaml": ("PyYAML (pipeline recipes)", "train"),
+    "torch_pruning": ("Torch-Pruning (convforge compress)", "train"),
     "onnxruntime": ("ONNX Runtime", "cpu"),
     "openvino": ("OpenVINO", "openvino"),
     "tensorrt": ("TensorRT", "tensorrt"),

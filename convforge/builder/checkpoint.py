@@ -4,7 +4,8 @@ A convforge checkpoint (``*.pt``) is a dict of tensors and plain Python
 values (docs/file-contract.md): ``model_state``, ``model_config``, ``data_config``,
 ``optimizer_state``, ``scheduler_state``, ``epoch``, ``metrics``,
 ``rng_state``, plus ``train_config``, ``scaler_state``, ``ema_state``,
-``history``, ``transfer`` and ``versions``. Writing takes that dict
+``history``, ``transfer``, ``versions`` and, for a model ``convforge compress``
+made, ``compress``. Writing takes that dict
 (:func:`save_checkpoint`); reading gives a typed :class:`Checkpoint`
 (:func:`load_checkpoint`) whose :meth:`~Checkpoint.build_model` rebuilds the
 model with its weights, so no reader picks keys by hand. Reading never
@@ -31,7 +32,12 @@ from convforge.files import atomic_write
 FORMAT = "convforge.checkpoint/1"
 REQUIRED_KEYS = ("model_state", "model_config", "data_config", "epoch")
 # Entries some checkpoints lack (one not written by the trainer); typed fields of Checkpoint.
-OPTIONAL_KEYS = ("train_config", "metrics", "history", "transfer")
+OPTIONAL_KEYS = ("train_config", "metrics", "history", "transfer", "compress")
+# What every ``compress`` record holds (the rest, e.g. ``target`` and ``rounds``, is
+# ``convforge compress``'s own): the original checkpoint's path and sha256, its ``original``
+# {macs, params, top1} and the kept model's macs, params, speedup (original MACs / its MACs)
+# and top1 (in [0, 1], on the original's validation split).
+COMPRESS_KEYS = ("source", "source_sha256", "original", "macs", "params", "speedup", "top1")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
@@ -84,6 +90,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)  # last epoch's row + best_val_acc, best_epoch
     history: list[dict] = field(default_factory=list)  # one row per epoch, as in metrics.csv
     transfer: dict | None = None  # the fine-tuning schedule's record (FinetuneSchedule.as_dict)
+    compress: dict | None = None  # convforge compress's record (COMPRESS_KEYS, more); None: none
     extra: dict = field(default_factory=dict)  # every other entry, by its key
 
     @classmethod
@@ -106,6 +113,7 @@ class Checkpoint:
             raise UserError(
                 f"{path}: its model_config is not a model configuration ({first_line(e)})"
             ) from None
+        _check_compress(payload.get("compress"), path)
         return cls(
             path=Path(path),
             model_config=model_config,
@@ -121,6 +129,23 @@ class Checkpoint:
         the mode :func:`~convforge.builder.build_model` leaves it (training). UserError if the
         config does not build or the weights do not fit it."""
         return model_with_weights(self.model_config, self.model_state, self.path)
+
+
+def _check_compress(record: object, path: str | os.PathLike) -> None:
+    """UserError when a checkpoint's ``compress`` entry is there but is not a record of
+    :data:`COMPRESS_KEYS` (export and the runtime read them)."""
+    if record is None:
+        return
+    original = record.get("original") if isinstance(record, dict) else None
+    if (
+        not isinstance(original, dict)
+        or any(k not in record for k in COMPRESS_KEYS)
+        or any(k not in original for k in ("macs", "params", "top1"))
+    ):
+        raise UserError(
+            f"{path}: its compress entry is not a compress record (needs "
+            f"{', '.join(COMPRESS_KEYS)}; original with macs, params and top1)"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

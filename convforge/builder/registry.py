@@ -19,6 +19,7 @@ from torch import nn
 
 from convforge.builder.initialization import INITS, default_init, init_weights
 from convforge.builder.layers import ACTIVATIONS, NORMS, activation_layer, norm_layer
+from convforge.builder.widths import apply_widths
 from convforge.errors import UserError, check_choice
 from convforge.settings import check_ranges, setting
 
@@ -107,6 +108,10 @@ class ModelConfig:
     options: dict = setting(
         factory=dict, help='architecture options, e.g. {"depth": 10}', cli=False
     )
+    # A pruned model's layers that differ from the architecture's ({} for every model
+    # convforge trains): {name: [out, in]} for convs and linears, {name: [channels]} for
+    # norms (builder/widths.py). Written by `convforge compress`.
+    widths: dict = setting(factory=dict, help="per-layer widths of a pruned model", cli=False)
 
     def resolved(self) -> ModelConfig:
         """A copy with defaults filled in and every field checked (UserError if bad)."""
@@ -130,6 +135,8 @@ class ModelConfig:
                 "zero_init_residual needs a norm layer whose scale it zeroes; got norm 'none'"
             )
         options = {**entry.options, **self.options}
+        if not isinstance(self.widths, dict):
+            raise UserError(f"widths must be a mapping of layer name to sizes, got {self.widths!r}")
         return dataclasses.replace(self, norm=norm, init=init, options=options)
 
 
@@ -144,6 +151,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         act_layer=activation_layer(cfg.activation, cfg.leaky_slope),
         **cfg.options,
     )
+    if cfg.widths:
+        apply_widths(model, cfg.widths)
     if cfg.zero_init_residual and not any(hasattr(m, "zero_init_last") for m in model.modules()):
         raise UserError(
             f"zero_init_residual applies to residual models; {cfg.arch!r} has no blocks"

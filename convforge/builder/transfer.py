@@ -260,7 +260,17 @@ def adapt(model: nn.Module, cfg: ModelConfig, num_classes: int, in_channels: int
             new_w = w.repeat(1, reps, 1, 1)[:, :in_channels] * (w.shape[1] / in_channels)
         conv.weight = nn.Parameter(new_w)
         conv.in_channels = in_channels
-    return model, dataclasses.replace(cfg, num_classes=num_classes, in_channels=in_channels)
+    # A pruned model records its head's and first conv's widths: they follow the new data.
+    widths = {k: list(v) for k, v in cfg.widths.items()}
+    names = {id(m): name for name, m in model.named_modules()}
+    head, first = names[id(_head(model))], names[id(_first_conv(model))]
+    if head in widths:
+        widths[head][0] = num_classes
+    if first in widths:
+        widths[first][1] = in_channels
+    return model, dataclasses.replace(
+        cfg, num_classes=num_classes, in_channels=in_channels, widths=widths
+    )
 
 
 def _head(model: nn.Module) -> nn.Linear:

@@ -1,7 +1,7 @@
 """``convforge <command>``: parses arguments, calls the parts, prints; no logic of its own.
 
 One module per command group: :mod:`.builder` (models, diagnose, train,
-finetune, augment-preview), :mod:`.export` (export), :mod:`.runtime` (inspect,
+finetune, compress, augment-preview), :mod:`.export` (export), :mod:`.runtime` (inspect,
 annotate, predict, bench, backends, serve), :mod:`.tune` (tune), :mod:`.plan`
 (``--plan`` for predict, bench and serve) and :mod:`.pipeline` (pipeline, demo).
 A command's parser is built only when that command runs, from the settings
@@ -44,6 +44,11 @@ COMMANDS = {
     "diagnose": Command("builder", "diagnostic experiments (init)", ("torch", "matplotlib")),
     "train": Command("builder", "train a model (default: small ResNet-18 on digits)", TRAIN),
     "finetune": Command("builder", "transfer learning from a checkpoint or weights file", TRAIN),
+    "compress": Command(
+        "builder",
+        "prune + fine-tune a checkpoint to fewer MACs within an accuracy budget",
+        (*TRAIN, "torch_pruning"),
+    ),  # fmt: skip
     "augment-preview": Command("builder", "PNG grid of augmented training samples", TRAIN),
     "export": Command("export", "checkpoint -> BatchNorm-folded, validated ONNX", EXPORT),
     "inspect": Command("runtime", "what an ONNX file holds"),

@@ -1,4 +1,4 @@
-"""The builder's commands: models, diagnose init, train, finetune, augment-preview.
+"""The builder's commands: models, diagnose init, train, finetune, compress, augment-preview.
 
 Their options are generated from ``ModelConfig``, ``TrainConfig``,
 ``AugmentConfig`` and ``FinetuneOptions`` (see :mod:`.arguments`); the
@@ -269,6 +269,60 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+# -- compress --------------------------------------------------------------------------------
+
+
+def compress_parser(p: argparse.ArgumentParser) -> None:
+    from convforge.builder.compress import CompressOptions
+
+    p.description = (
+        "Make a trained model smaller: structured channel pruning (Torch-Pruning) in --rounds "
+        "rounds towards --speedup (MACs) or --latency-ms (measured on --backend), each round "
+        "fine-tuned by the trainer for --epochs with distillation from the original, and "
+        "checked on the checkpoint's validation split: the result is the last round within "
+        "--max-drop top-1 points of the original. The output is an ordinary checkpoint (its "
+        "widths recorded) for export, finetune and tune. An interrupted run resumes when the "
+        "same command is given again (the rounds are kept in OUT.rounds/ until it ends)."
+    )
+    p.add_argument("checkpoint", help="a convforge checkpoint written by train or finetune")
+    p.add_argument("-o", "--out", required=True, help="the compressed checkpoint, e.g. small.pt")
+    add_settings(p, CompressOptions, "compress")
+    add_json(p)
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args) -> int:
+    from convforge.builder.compress import CompressOptions, compress
+
+    opts = settings_from(CompressOptions, args, checkpoint=args.checkpoint, out=args.out).check()
+    latency = None
+    if opts.latency_ms is not None:
+        from convforge.builder.checkpoint import load_checkpoint
+        from convforge.export.latency import latency_probe
+
+        data = load_checkpoint(opts.checkpoint).data_config
+        size = data["input_size"]
+        latency = latency_probe(opts.backend, (data["channels"], size, size))
+    log = (lambda *a: None) if args.json else print
+    result = compress(opts, latency=latency, log=log, progress=not args.json)
+    record = result.record
+    if args.json:
+        summary = {"out": str(result.out), "seconds": round(result.seconds, 1),
+                   "peak_memory_mb": result.peak_memory_mb, **record}  # fmt: skip
+        print(json.dumps(summary, indent=2))
+        return 0
+    original = record["original"]
+    print(
+        f"{result.out}: {record['speedup']:.2f}x fewer MACs "
+        f"({original['macs'] / 1e9:.3f} -> {record['macs'] / 1e9:.3f} GMACs, "
+        f"{original['params'] / 1e6:.2f} -> {record['params'] / 1e6:.2f} M params), "
+        f"top-1 {original['top1']:.2%} -> {record['top1']:.2%} "
+        f"(round {record['kept']} of {len(record['rounds'])}; {result.seconds:.0f} s, "
+        f"peak memory {result.peak_memory_mb:.0f} MB)"
+    )
+    return 0
+
+
 # -- augment-preview -------------------------------------------------------------------------
 
 
@@ -327,5 +381,6 @@ PARSERS = {
     "diagnose": diagnose_parser,
     "train": train_parser,
     "finetune": finetune_parser,
+    "compress": compress_parser,
     "augment-preview": augment_preview_parser,
 }

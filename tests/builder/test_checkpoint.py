@@ -105,6 +105,48 @@ def test_build_model_refuses_weights_of_another_model_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def _compress_record() -> dict:
+    """What `convforge compress` adds to the checkpoint it writes (builder/compress/job.py)."""
+    return {
+        "source": "runs/r18/best.pt", "source_sha256": "ab" * 32, "target": {"speedup": 2.0},
+        "max_drop": 0.5, "importance": "l2", "steps": 3, "epochs": 3, "distill_weight": 0.5,
+        "dataset": "digits", "original": {"macs": 1000, "params": 100, "top1": 0.9},
+        "rounds": [{"round": 1, "macs": 500, "passed": True}], "kept": 1,
+        "macs": 500, "params": 40, "speedup": 2.0, "top1": 0.895,
+    }  # fmt: skip
+
+
+def test_a_compressed_checkpoint_reads_its_record_into_a_field(tmp_path):
+    payload = {**_trainer_payload(), "compress": _compress_record()}
+    payload["model_config"]["widths"] = {"body.0.conv": [2, 1]}  # recorded by compress, too
+    save_checkpoint(tmp_path / "small.pt", payload)
+    ck = load_checkpoint(tmp_path / "small.pt")
+    assert ck.compress == _compress_record() and "compress" not in ck.extra
+    assert ck.model_config.widths == {"body.0.conv": [2, 1]}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ck.compress = None
+    # Every other checkpoint is no compressed model.
+    save_checkpoint(tmp_path / "c.pt", _trainer_payload())
+    assert load_checkpoint(tmp_path / "c.pt").compress is None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "small.pt",  # not a record at all
+        {k: v for k, v in _compress_record().items() if k != "source_sha256"},
+        {**_compress_record(), "original": {"macs": 1000, "params": 100}},  # no top1
+        {**_compress_record(), "original": 0.9},
+    ],
+)
+def test_a_compress_entry_that_is_no_record_is_one_line(record, tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {**_trainer_payload(), "compress": record})
+    with pytest.raises(UserError, match=r"c.pt: its compress entry is not a compress record "
+                       r"\(needs source, source_sha256, original, macs") as e:  # fmt: skip
+        load_checkpoint(tmp_path / "c.pt")
+    assert "\n" not in str(e.value)
+
+
 def test_a_model_config_that_is_not_one_is_a_user_error(tmp_path):
     payload = {**_trainer_payload(), "model_config": {"arch": "plain", "wings": 2}}
     save_checkpoint(tmp_path / "c.pt", payload)

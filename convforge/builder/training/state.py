@@ -36,6 +36,7 @@ from convforge.builder.data.sources import DataBundle
 from convforge.builder.registry import ModelConfig
 from convforge.builder.training import monitor
 from convforge.builder.training.config import TrainConfig
+from convforge.builder.training.distill import Distillation
 from convforge.builder.training.distributed import World
 from convforge.builder.transfer import FinetuneSchedule
 from convforge.errors import UserError
@@ -57,6 +58,7 @@ class RunSpec:
     data_cfg: dict  # what inference needs to preprocess like training (trainer.data_config)
     schedule: FinetuneSchedule  # which stages train when (FromScratch: all, always)
     extra: dict  # more entries stored in every checkpoint (fine-tuning's source)
+    distill: Distillation | None = None  # a teacher whose outputs the loss also follows
 
 
 @dataclass

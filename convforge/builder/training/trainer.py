@@ -33,6 +33,7 @@ from convforge.builder.data.sources import DataBundle, load_dataset
 from convforge.builder.registry import ModelConfig, build_model
 from convforge.builder.training import distributed, monitor
 from convforge.builder.training.config import TrainConfig
+from convforge.builder.training.distill import Distillation
 from convforge.builder.training.distributed import World
 from convforge.builder.training.optim import make_optimizer, make_scheduler, param_groups
 from convforge.builder.training.state import (
@@ -96,6 +97,8 @@ def train(
     model: nn.Module | None = None,
     bundle: DataBundle | None = None,
     extra: dict | None = None,
+    data_cfg: dict | None = None,
+    distill: Distillation | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model_cfg`` (or the given ``model``) as ``cfg`` says; return the summary.
@@ -105,8 +108,10 @@ def train(
     ``last.pt``: the run continues from it with the configuration stored
     there. ``schedule`` says which stages train when (default: all, always;
     a resumed run's: the one it was trained with). ``extra`` is stored in
-    every checkpoint (fine-tuning's source). ``progress``: log each epoch and
-    show a progress bar.
+    every checkpoint (fine-tuning's source). ``data_cfg``: the preprocessing to train
+    with and record (default: the data's own statistics; a resumed run's: its own).
+    ``distill``: a teacher the loss also follows (:mod:`.distill`; give it again when
+    resuming). ``progress``: log each epoch and show a progress bar.
     """
     checkpoint = load_checkpoint(resume) if resume else None
     if checkpoint is not None:
@@ -123,7 +128,10 @@ def train(
         if world.is_main:
             ensure_dir(out)
         bundle = bundle or load_data(cfg, channels=None if model is None else model_cfg.in_channels)
-        data_cfg = data_config(cfg, bundle) if checkpoint is None else checkpoint.data_config
+        if checkpoint is not None:
+            data_cfg = checkpoint.data_config
+        elif data_cfg is None:
+            data_cfg = data_config(cfg, bundle)
         if model is None:
             model_cfg = dataclasses.replace(
                 model_cfg, num_classes=len(bundle.classes), in_channels=bundle.channels
@@ -141,7 +149,7 @@ def train(
         aug = cfg.augment.resolved(flip_safe=bundle.flip_safe)
         cfg = dataclasses.replace(cfg, augment=aug)  # recorded as it ran
         spec = RunSpec(
-            out, model_cfg, cfg, bundle, data_cfg, schedule or FromScratch(), extra or {}
+            out, model_cfg, cfg, bundle, data_cfg, schedule or FromScratch(), extra or {}, distill
         )
         return _Run(world, spec, model, checkpoint, progress).fit(started)
     finally:
@@ -196,6 +204,8 @@ class _Run:
         self.amp_dtype = _amp_dtype(cfg.amp, dev)
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        if self.spec.distill is not None:
+            self.spec.distill.to(dev, self.memory_format)
         self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
         self.ddp = None
         return net, ema, scaler
@@ -366,6 +376,8 @@ class _Run:
             with self._autocast():
                 logits = self.ddp(images)
                 loss = self.criterion(logits.float(), targets)
+                if self.spec.distill is not None:
+                    loss = self.spec.distill.loss(loss, logits, images)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
