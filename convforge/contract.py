@@ -75,10 +75,14 @@ KEYS = {
     "(`convforge annotate`); wins over the one input_format implies",
     "output": "the graph output holding the class scores, for a file made elsewhere with "
     "several outputs (`convforge annotate --output`)",
+    "compressed": "a model `convforge compress` made: {source_sha256, speedup (the original's "
+    "MACs / its), macs, params, top1 (in [0, 1]), original: {macs, params, top1}}",
 }
 LAYOUTS = ("NCHW", "NHWC")
 # Keys whose value is text, even where an old file stored "191" as-is (see decode).
 TEXT_KEYS = "version arch precision int8_target source_sha256 input_format layout output".split()
+# The ``compressed`` key's entries from a compress record (and its original's macs, params, top1).
+COMPRESSED_FIELDS = ("source_sha256", "speedup", "macs", "params", "top1")
 
 
 def encode(values: Mapping[str, object]) -> dict[str, str]:
@@ -119,6 +123,7 @@ def metadata(
     folded_bn: int = 0,
     precision: str = "fp32",
     dataset: dict | None = None,
+    compressed: dict | None = None,  # a compressed model's checkpoint's compress record
 ) -> dict[str, str]:
     """The encoded metadata of one fp32 export (variants update ``precision`` and add keys)."""
     values = {
@@ -136,6 +141,11 @@ def metadata(
     }
     if dataset:
         values["dataset"] = dict(dataset)
+    if compressed:
+        values["compressed"] = {
+            **{k: compressed[k] for k in COMPRESSED_FIELDS},
+            "original": {k: compressed["original"][k] for k in ("macs", "params", "top1")},
+        }
     return encode(values)
 
 
@@ -283,6 +293,11 @@ class ModelInfo:
     def int8_target(self) -> str | None:
         """cpu or tensorrt for an int8 export, else None."""
         return self.metadata.get("int8_target")
+
+    @property
+    def compressed(self) -> dict | None:
+        """The ``compressed`` key of a model `convforge compress` made (a dict), else None."""
+        return value if isinstance(value := self.metadata.get("compressed"), dict) else None
 
     @property
     def input_format(self) -> str:

@@ -66,6 +66,28 @@ def test_metadata_round_trips_through_a_pt2_extra_file(tmp_path):
     assert info.spec == contract.InputSpec(3, 4, 4) and info.classes == ["cat", "dog, big"]
 
 
+COMPRESS_RECORD = {  # a checkpoint's compress record, as `convforge compress` writes it
+    "source": "runs/r18/best.pt", "source_sha256": "cd" * 32, "target": {"speedup": 2.0},
+    "original": {"macs": 1_800_000, "params": 11_000, "top1": 0.9, "latency_ms": 1.5},
+    "rounds": [{"round": 1}], "kept": 1, "macs": 880_000, "params": 5_000, "speedup": 2.045,
+    "top1": 0.897,
+}  # fmt: skip
+
+
+def test_a_compressed_model_carries_a_summary_of_its_record(tmp_path):
+    onnx.save(_model(props=_props(compressed=COMPRESS_RECORD)), tmp_path / "small.onnx")
+    info = contract.read_info(tmp_path / "small.onnx")
+    # No rounds, options, path or machine-bound latency: those stay in the checkpoint.
+    assert info.compressed == {
+        "source_sha256": "cd" * 32, "speedup": 2.045, "macs": 880_000, "params": 5_000,
+        "top1": 0.897, "original": {"macs": 1_800_000, "params": 11_000, "top1": 0.9},
+    }  # fmt: skip
+    assert info.metadata["compressed"] == info.compressed
+    onnx.save(_model(props=_props()), tmp_path / "m.onnx")
+    assert contract.read_info(tmp_path / "m.onnx").compressed is None
+    assert "compressed" in contract.KEYS  # encode takes it
+
+
 def test_encode_refuses_keys_outside_the_contract():
     with pytest.raises(ValueError, match="not keys of the convforge file contract"):
         contract.encode({"precison": "fp32"})

@@ -9,6 +9,11 @@ take validation and calibration images from the checkpoint's own dataset
 name (:func:`convforge.files.together`) and checked, and only when all of them
 pass do they replace their targets, together; a failure anywhere leaves no new
 file and every old one as it was.
+
+A compressed checkpoint (one ``convforge compress`` wrote) exports like any
+other; every file it gives carries the ``compressed`` metadata key, and the
+report compares the model with the original
+(:mod:`convforge.export.compressed_report`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 
 from convforge import contract
 from convforge.errors import UserError
+from convforge.export.compressed_report import compressed_section, format_section
 from convforge.export.fold import FoldReport, fold_batchnorm
 from convforge.export.int8 import CALIBRATION_METHODS, INT8_TARGETS
 from convforge.export.onnx_export import (
@@ -72,6 +78,7 @@ class ExportReport:
     seconds: dict[str, float]  # per stage: fold, trace, onnx, validate
     variants: dict[str, dict] = field(default_factory=dict)  # precision -> path + validation
     triton_repo: str | None = None
+    compressed: dict | None = None  # a compressed checkpoint: vs the original (compressed_report)
     model: onnx.ModelProto | None = field(default=None, repr=False)  # fp32 graph, not serialized
 
     def as_dict(self) -> dict:
@@ -101,6 +108,8 @@ class ExportReport:
         ]
         if self.triton_repo:
             lines.append(f"Triton model repository: {self.triton_repo}")
+        if self.compressed:
+            lines += ["", *format_section(self.compressed)]
         return "\n".join(lines)
 
 
@@ -247,6 +256,8 @@ def export_checkpoint(
                 model, samples, labels=labels, int8_max_drop=opts.int8_max_drop
             )
         _variants(ExportJob(model, out, opts, staging, checks, calib), report)
+        if ck.compress:
+            report.compressed = compressed_section(ck, model, input_size)
         report_path = staging.file(out.with_suffix(".export.json"))
         report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     return report
@@ -285,6 +296,7 @@ def _metadata(checkpoint: str | Path, ck: Checkpoint, opts: ExportOptions) -> di
         channels=data["channels"],
         source_sha256=contract.sha256_of(checkpoint),
         dataset=_dataset(ck, opts),
+        compressed=ck.compress,
     )
 
 

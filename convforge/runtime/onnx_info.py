@@ -29,8 +29,11 @@ def _tensor_info(value) -> dict:
 
 
 def describe(path: str | os.PathLike) -> dict:
-    """JSON-ready summary: versions, I/O, op histogram, parameters, size, metadata, BN count."""
+    """JSON-ready summary: versions, I/O, op histogram, parameters, size, metadata, BN count;
+    ``compressed``: a compressed model's summary (the ``compressed`` key), else None."""
     model = contract.load_onnx(path)
+    metadata = contract.decode(contract.read_props(model))
+    compressed = metadata.get("compressed")
     params = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
     nodes = op_histogram(model)
     return {
@@ -46,7 +49,8 @@ def describe(path: str | os.PathLike) -> dict:
         "op_histogram": nodes,
         "batchnorm_nodes": nodes.get("BatchNormalization", 0),
         "precision": contract.graph_precision(model),
-        "metadata": contract.decode(contract.read_props(model)),
+        "metadata": metadata,
+        "compressed": compressed if isinstance(compressed, dict) else None,
     }
 
 
@@ -58,7 +62,9 @@ def format_description(info: dict) -> str:
         for v in values
     ]
     ops = ", ".join(f"{op} {n}" for op, n in info["op_histogram"].items())
-    md = [f"  {k}: {v}" for k, v in info["metadata"].items()] or ["  (no convforge metadata)"]
+    compressed = info.get("compressed")  # its own line, not again among the metadata
+    meta = {k: v for k, v in info["metadata"].items() if not (compressed and k == "compressed")}
+    md = [f"  {k}: {v}" for k, v in meta.items()] or ["  (no convforge metadata)"]
     opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
     return "\n".join(
         [
@@ -69,7 +75,31 @@ def format_description(info: dict) -> str:
             f"(BatchNormalization: {info['batchnorm_nodes']}); "
             f"precision in the graph: {info['precision']}",
             f"ops: {ops}",
+            *([compressed_line(compressed)] if compressed else []),
             "metadata:",
             *md,
         ]
     )
+
+
+def compressed_line(c: dict) -> str:
+    """One line: a compressed model against its original (MACs, params, top-1)."""
+    try:
+        o = c["original"]
+        return (
+            f"compressed: {c['speedup']:.2f}x fewer MACs than the original "
+            f"({_count(o['macs'])} -> {_count(c['macs'])}), params {_count(o['params'])} -> "
+            f"{_count(c['params'])}, top-1 {o['top1']:.2%} -> {c['top1']:.2%} "
+            f"({100 * (c['top1'] - o['top1']):+.2f} points; original checkpoint sha256 "
+            f"{str(c['source_sha256'])[:12]})"
+        )
+    except (KeyError, TypeError, ValueError):  # written by something other than convforge
+        return f"compressed: {c}"
+
+
+def _count(n: float) -> str:
+    """12_300_000 -> '12.30 M'."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g}"

@@ -10,7 +10,13 @@ accuracy budget, measured on this machine (after Triton's Model Analyzer).
    listed in ``Plan.skipped`` with its reason, never replaced by another.
 2. Accuracy: the reference is the fp32 file's top-1 on the checked images
    (at most ``max_images``, a seeded sample) through ort-cpu, or the first
-   backend that loads it. A candidate's top-1 is computed once per backend,
+   backend that loads it. That is the first fp32 file given that is no
+   compressed model: exports of ``convforge compress``'s checkpoints are
+   candidates like the others, judged against the original, so the plan
+   answers "the fastest file within ``max_drop`` of what I trained",
+   whatever its size or precision (their records name their ``compressed``
+   summary: speedup, MACs, params, and whether they came from the
+   reference's checkpoint). A candidate's top-1 is computed once per backend,
    file and options that change numerics (each backend's ``numeric_options``: thread
    counts, hints or profiles do not). Without labels, top-1 agreement with
    the reference is measured instead (the reference agrees 100%). A
@@ -126,6 +132,8 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
         accuracy[key] = _accuracy(first, batches[first.file], truth, chunk)
         bar.update(1)
     records = _measure(pool, batches, accuracy, ref_acc, cfg, start, bar)
+    for r in records:
+        r["compressed"] = _compressed(infos[r["file"]], infos[reference])
     bar.close()
     entries = [_entry(r) for r in _choose(records)]
     if not entries:
@@ -160,14 +168,32 @@ def tune(files, images, labels=None, cfg: TuneConfig | None = None, names=None,
 
 
 def _with_reference_first(files, overrides=None) -> tuple[list[str], dict]:
-    """``files`` resolved, once each, the first fp32 one (the accuracy reference) first;
-    and their ModelInfo. UserError when none is fp32."""
+    """``files`` resolved, once each, the accuracy reference first: the first fp32 one that
+    is no compressed model; and their ModelInfo. UserError when there is none."""
     files = list(dict.fromkeys(str(Path(f).resolve()) for f in files))
     infos = {f: read_info(f, overrides) for f in files}
-    reference = next((f for f in files if infos[f].precision == "fp32"), None)
+    fp32 = [f for f in files if infos[f].precision == "fp32"]
+    reference = next((f for f in fp32 if infos[f].compressed is None), None)
+    if reference is None and fp32:
+        raise UserError(
+            "tune needs the original fp32 file as the accuracy reference, and every fp32 file "
+            f"given is compressed ({', '.join(Path(f).name for f in fp32)}): add the export of "
+            "the checkpoint they were compressed from"
+        )
     if reference is None:
         raise UserError("tune needs the fp32 file among its files: it is the accuracy reference")
     return [reference] + [f for f in files if f != reference], infos
+
+
+def _compressed(info, reference) -> dict | None:
+    """A compressed file's summary for its records (``convforge.compressed`` key: speedup,
+    macs, params), and whether it was compressed from the checkpoint the reference file was
+    exported from; None for any other file."""
+    own = info.compressed
+    if own is None:
+        return None
+    origin = own.get("source_sha256") == reference.metadata.get("source_sha256")
+    return {**{k: own.get(k) for k in ("speedup", "macs", "params")}, "from_reference": origin}
 
 
 def _sample(images, labels, cfg: TuneConfig) -> tuple[list, np.ndarray | None]:

@@ -282,6 +282,65 @@ def test_tune_refuses_before_measuring(models, labelled, tmp_path):
         tune([good], [], None)
 
 
+SUMMARY = {"speedup": 2.0, "macs": 100, "params": 10, "top1": 0.9,
+           "original": {"macs": 200, "params": 20, "top1": 0.91}}  # fmt: skip
+
+
+def _compressed_copy(source, target, source_sha256=None):
+    """``source`` as an export of a compressed checkpoint says it is one (the ``compressed``
+    key; by default compressed from the checkpoint ``source`` was exported from)."""
+    model = onnx.load(str(source))
+    own = contract.read_info(source).metadata["source_sha256"]
+    summary = {**SUMMARY, "source_sha256": source_sha256 or own}
+    contract.write_props(model, contract.encode({"compressed": summary}))
+    onnx.save(model, str(target))
+    return target
+
+
+def test_compressed_files_are_candidates_judged_against_the_original(models, labelled, tmp_path):
+    good, broken = models
+    original = Path(shutil.copy(good, tmp_path / "digits.onnx"))
+    small = _compressed_copy(good, tmp_path / "small.onnx")
+    lossy = _compressed_copy(broken, tmp_path / "small.noisy.onnx")
+    images, labels = labelled
+    cfg = TuneConfig(batch_sizes=(1,), **QUICK)
+    # Compressed files first: the reference is still the original, wherever it is listed.
+    plan = tune([small, lossy, original], images, labels, cfg, names=["ort-cpu"])
+    assert plan.model == str(original) and list(plan.files)[0] == str(original)
+    assert plan.accuracy["reference"] == pytest.approx(_top1(original, images, labels))
+    for r in plan.candidates:
+        named = {"speedup": 2.0, "macs": 100, "params": 10, "from_reference": True}
+        assert r["compressed"] == (None if r["file"] == str(original) else named)
+    # The one that lost accuracy is rejected against the original's top-1; the one that
+    # did not is an ordinary candidate.
+    assert {r["status"] for r in plan.candidates if r["file"] == str(lossy)} == {"rejected"}
+    own = [r for r in plan.candidates if r["file"] == str(small)]
+    assert own and all(r["accuracy_delta_points"] == 0 and r["status"] != "rejected"
+                       for r in own if r["options"]["graph_optimization"] == "all")  # fmt: skip
+    plan.write(tmp_path / "plan.json")
+    assert Plan.read(tmp_path / "plan.json").candidates == plan.candidates
+
+
+def test_tune_needs_the_original_when_every_fp32_file_is_compressed(models, labelled, tmp_path):
+    good, _ = models
+    small = _compressed_copy(good, tmp_path / "small.onnx")
+    said = r"^tune needs the original fp32 file as the accuracy reference, and every fp32 "
+    with pytest.raises(UserError, match=said + r"file given is compressed \(small.onnx\)"):
+        tune([small], labelled[0], labelled[1], TuneConfig(**QUICK))
+
+
+def test_a_compressed_file_says_whether_it_came_from_the_reference(models, tmp_path):
+    from convforge.runtime.tune import _compressed
+
+    good, _ = models
+    ours = _compressed_copy(good, tmp_path / "ours.onnx")
+    other = _compressed_copy(good, tmp_path / "other.onnx", source_sha256="0" * 64)
+    reference = contract.read_info(good)
+    assert _compressed(contract.read_info(ours), reference)["from_reference"] is True
+    assert _compressed(contract.read_info(other), reference)["from_reference"] is False
+    assert _compressed(reference, reference) is None
+
+
 def test_candidate_labels_and_keys_are_stable():
     c = Candidate("ort-cpu", "/m/x.onnx", 8, (("graph_optimization", "all"), ("threads", 1)))
     assert c.label == "ort-cpu x.onnx graph_optimization=all threads=1"
