@@ -16,7 +16,7 @@ def pipeline_parser(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Carry a recipe (YAML; see recipes/) from data to a deployment decision: train, "
         "export (fp32, fp16, int8), tune, benchmark, and write report.html and report.md to "
-        "the run folder. Finished stages are reused while their inputs stay the same; an "
+        "the run folder. Finished steps are reused while their inputs stay the same; an "
         "interrupted run resumes where it stopped."
     )
     p.add_argument("recipe", help="the recipe file, e.g. recipes/default.yaml")
@@ -35,9 +35,7 @@ def demo_parser(p: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", help=f"the run folder (default: {default_out})")
-    p.add_argument(
-        "--force", action="store_true", help="rerun every stage, even those already done"
-    )
+    p.add_argument("--force", action="store_true", help="rerun every step, even those already done")
     add_json(p)
 
 
@@ -68,7 +66,7 @@ def _run(recipe, args, command: str) -> int:
     if args.json:
         record = {"out": str(out), "report_md": str(outcome.report_md),
                   "report_html": str(outcome.report_html), "reused": outcome.reused,
-                  "seconds": round(outcome.seconds, 1), "stages": outcome.results}  # fmt: skip
+                  "seconds": round(outcome.seconds, 1), "steps": outcome.results}  # fmt: skip
         print(json.dumps(record, indent=2, default=str))
         return 0
     print(f"\nreport: {outcome.report_html} (Markdown: {outcome.report_md})")

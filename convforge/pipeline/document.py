@@ -79,10 +79,12 @@ class Document:
         """Preformatted ``text`` folded away under ``summary`` (opens on a click in HTML)."""
         self.blocks.append(("details", summary, text.rstrip("\n")))
 
-    def image(self, path: str, alt: str, width: int | None = None) -> None:
+    def image(self, path: str, alt: str, width: int | None = None, source=None) -> None:
         """``path`` is relative to the folder the report is written to; ``width``: at most
-        this many CSS px wide in HTML (default: the page's width)."""
-        self.blocks.append(("image", path, alt, width))
+        this many CSS px wide in HTML (default: the page's width); ``source``: where the
+        HTML rendering reads the PNG from, when it is not there yet (a staged file that
+        becomes ``<folder>/<path>`` with the report)."""
+        self.blocks.append(("image", path, alt, width, source))
 
     def summary(self, items: list[tuple[str, str]]) -> None:
         self.blocks.append(("summary", list(items)))
@@ -144,7 +146,8 @@ class Document:
                 parts.append(f"<details><summary>{_inline(block[1])}</summary>"
                              f"<pre>{html.escape(block[2])}</pre></details>")  # fmt: skip
             elif kind == "image":
-                data = base64.b64encode((folder / block[1]).read_bytes()).decode("ascii")
+                png = Path(block[4]) if block[4] else folder / block[1]
+                data = base64.b64encode(png.read_bytes()).decode("ascii")
                 alt = html.escape(block[2], quote=True)
                 size = f' style="max-width: min(100%, {block[3]}px)"' if block[3] else ""
                 parts.append(f'<img src="data:image/png;base64,{data}" alt="{alt}"{size}>')

@@ -11,7 +11,9 @@ recipe key is the command-line option without its dashes:
               classes and channels come from the data
     train:    TrainConfig fields, with augment: AugmentConfig fields
     pretrain: TrainConfig fields (transfer recipes: trained first, on its own dataset)
-    finetune: FinetuneOptions fields but pretrained (the pretrain stage's best.pt)
+    finetune: FinetuneOptions fields but pretrained (the pretrain step's best.pt)
+    compress: CompressOptions fields but checkpoint, out and work (optional: the train
+              step's best.pt made smaller, exported and tuned beside the original)
     export:   ExportOptions fields
     tune:     TuneConfig fields, and backends: available or a list
     bench:    BenchConfig fields, and backends
@@ -28,8 +30,10 @@ is the default recipe (``recipes/default.yaml`` spells it out).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convforge.builder.data import synthetic
 from convforge.builder.data.sources import parse_spec
@@ -41,11 +45,15 @@ from convforge.export.exporter import ExportOptions
 from convforge.runtime.backends import BACKENDS
 from convforge.runtime.bench import BenchConfig
 from convforge.runtime.tune import TuneConfig
-from convforge.settings import coerce, parse, setting
+from convforge.settings import coerce, flag, parse, setting
+
+if TYPE_CHECKING:  # imported when a recipe has a compress section: it brings Torch-Pruning
+    from convforge.builder.compress.job import CompressOptions
 
 MODEL_SKIP = ("num_classes", "in_channels")  # the data decides these
 TRAIN_SKIP = ("out",)  # the pipeline decides where each run goes
-FINETUNE_SKIP = ("pretrained", "arch")  # the pretrain stage's checkpoint
+FINETUNE_SKIP = ("pretrained", "arch")  # the pretrain step's checkpoint
+COMPRESS_SKIP = ("checkpoint", "out", "work")  # the train step's best.pt -> compress/small.pt
 
 
 @dataclass
@@ -75,7 +83,8 @@ class Recipe:
     model: dict = field(default_factory=lambda: {"arch": "resnet18", "stem": "auto"})
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: TrainConfig | None = None
-    finetune: FinetuneOptions | None = None  # pretrained: the pretrain stage's best.pt
+    finetune: FinetuneOptions | None = None  # pretrained: the pretrain step's best.pt
+    compress: CompressOptions | None = None  # checkpoint: the train step's best.pt
     export: ExportOptions = field(
         default_factory=lambda: ExportOptions(fp16=True, int8=True, input_format="uint8")
     )
@@ -90,7 +99,7 @@ class Recipe:
     report: ReportOptions = field(default_factory=ReportOptions)
 
     def model_config(self, train: TrainConfig | None = None) -> ModelConfig:
-        """The model the train (or pretrain) stage builds, before the data sets its classes."""
+        """The model the train (or pretrain) step builds, before the data sets its classes."""
         fields = dict(self.model)
         arch, stem = fields.pop("arch"), fields.pop("stem", "auto")
         options = fields.pop("options", None)
@@ -121,8 +130,8 @@ def load_recipe(path) -> Recipe:
 
 def parse_recipe(data) -> Recipe:
     """A :class:`Recipe` from the mapping a YAML file holds; UserError naming the bad key."""
-    top = ("name", "description", "model", "train", "pretrain", "finetune", "export", "tune",
-           "bench", "report")  # fmt: skip
+    top = ("name", "description", "model", "train", "pretrain", "finetune", "compress",
+           "export", "tune", "bench", "report")  # fmt: skip
     data = _mapping(data, "the recipe", top)
     default = Recipe()
     name = coerce(str, data.get("name", default.name), "name")
@@ -146,6 +155,7 @@ def parse_recipe(data) -> Recipe:
         train=train,
         pretrain=pretrain,
         finetune=finetune,
+        compress=_compress(data["compress"]) if "compress" in data else None,
         export=parse(ExportOptions, data.get("export"), "export.", skip=("triton_repo",)),
         tune=_runtime(TuneConfig, data.get("tune"), "tune", default.tune),
         bench=_runtime(BenchConfig, data.get("bench"), "bench", default.bench),
@@ -180,6 +190,35 @@ def _train(data, where: str) -> TrainConfig:
     _checked(where, cfg.resolved)
     _checked(f"{where}.augment", cfg.augment.resolved)
     return cfg
+
+
+def _compress(data) -> CompressOptions:
+    """The compress section: CompressOptions with the input and output left to the step."""
+    from convforge.builder.compress.job import CompressOptions
+
+    cfg = parse(CompressOptions, data, "compress.", skip=COMPRESS_SKIP,
+                fixed={"checkpoint": ""})  # fmt: skip
+    as_keys(cfg.check, CompressOptions, "compress.")
+    check_choice("compress.backend", cfg.backend, [*BACKENDS, "auto"])
+    if cfg.dataset is not None:
+        _checked("compress.dataset", lambda: _dataset(cfg.dataset))
+    return cfg
+
+
+def as_keys(call, cls, where: str):
+    """``call()``; a UserError it raises that names ``cls``'s command-line options
+    (``--max-drop``) is raised again naming them as recipe keys (``compress.max_drop``)."""
+    try:
+        return call()
+    except UserError as e:
+        raise UserError(keyed(str(e), cls, where)) from None
+
+
+def keyed(text: str, cls, where: str) -> str:
+    """``text`` with each command-line option of ``cls`` (``--max-drop``) written as its
+    recipe key (``where`` + ``max_drop``); other words as they were."""
+    keys = {flag(f): where + f.name for f in dataclasses.fields(cls)}
+    return re.sub(r"--[a-z][a-z0-9-]*", lambda m: keys.get(m.group(0), m.group(0)), text)
 
 
 def _dataset(spec: str) -> None:

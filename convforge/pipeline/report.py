@@ -1,16 +1,19 @@
-"""The pipeline's report: what a run found, top to bottom, from its stages' results.
+"""The pipeline's report: what a run found, top to bottom, from its steps' results.
 
 1. a summary box: the accuracy reached, the recommended file and backend, its latency;
 2. the data: a grid of training images with their augmented views;
 3. training: the curves, the overfitting verdict, the final accuracies;
 4. the init diagnostic;
-5. the export: BatchNorm folding and each file's validation;
-6. one table per backend x file (precision): top-1, p50/p99, throughput; the latency plot;
-7. the recommendation: the tune plan's choice per batch size, why, what it costs;
-8. the ``convforge serve`` and ``convforge predict`` commands that use it.
+5. compression (with a compress step): each round's MACs, parameters and top-1, the one kept;
+6. the export: BatchNorm folding and each file's validation;
+7. one table per backend x file (precision): top-1, p50/p99, throughput; the latency plot;
+8. accuracy and latency: the chart of every model x precision x backend at batch 1
+   (:mod:`.tradeoff`), the point recommended and why;
+9. the recommendation: the tune plan's choice per batch size, why, what it costs;
+10. the ``convforge serve`` and ``convforge predict`` commands that use it.
 
 :func:`build` returns a :class:`~convforge.pipeline.document.Document`;
-``report.md`` and ``report.html`` are its two renderings.
+``report.md`` and ``report.html`` are its two renderings, ``tradeoff.png`` the chart.
 """
 
 from __future__ import annotations
@@ -20,12 +23,21 @@ import shlex
 from pathlib import Path
 
 from convforge import __version__
+from convforge.files import Staging
+from convforge.pipeline import tradeoff
+from convforge.pipeline.deploy import exported_files
 from convforge.pipeline.document import Document
 from convforge.pipeline.recipe import Recipe
 
+CHART = "tradeoff.png"
 
-def build(recipe: Recipe, out: Path, results: dict, plan, reused: list[str]) -> Document:
-    """The report of the run in ``out`` (``plan``: the tune stage's Plan)."""
+
+def build(
+    recipe: Recipe, out: Path, results: dict, plan, reused: list[str],
+    staging: Staging | None = None,
+) -> Document:  # fmt: skip
+    """The report of the run in ``out`` (``plan``: the tune step's Plan); the chart it
+    shows is written to ``out/tradeoff.png`` (staged in ``staging`` when given)."""
     doc = Document(f"convforge pipeline: {recipe.name}")
     if recipe.description:
         doc.text(recipe.description, muted=True)
@@ -36,8 +48,11 @@ def build(recipe: Recipe, out: Path, results: dict, plan, reused: list[str]) -> 
     _training(doc, recipe, results["train"], "Training", recipe.train)
     if "init" in results:
         _init(doc, results["init"])
+    if "compress" in results:
+        _compression(doc, results["compress"])
     _export(doc, results["export"])
     _backends(doc, results["bench"], out)
+    _tradeoff(doc, results, plan, lambda: staging.file(out / CHART) if staging else out / CHART)
     _recommendation(doc, plan)
     _commands(doc, out, plan, results["data"])
     env = results["bench"]["environment"]
@@ -66,8 +81,19 @@ def _summary(doc: Document, recipe: Recipe, results: dict, plan) -> None:
                         f"{last.batch_size} ({last.backend}, `{Path(last.file).name}`)"),
             ("Accuracy cost", f"{first.accuracy_delta_points:+.2f} points against the fp32 file "
                               f"({ref['reference']:.2%} on {ref['images']} images)"),
+            *_compressed_summary(results.get("compress")),
         ]
     )  # fmt: skip
+
+
+def _compressed_summary(c: dict | None) -> list[tuple[str, str]]:
+    """The summary's line on the compressed model (none without a compress step)."""
+    if c is None:
+        return []
+    o = c["original"]
+    return [("Compressed", f"`{c['checkpoint']}`: **{c['speedup']:.2f}x fewer MACs**, "
+                           f"{o['params'] / 1e6:.2f} -> {c['params'] / 1e6:.2f} M parameters, "
+                           f"top-1 {o['top1']:.2%} -> {c['top1']:.2%} (PyTorch)")]  # fmt: skip
 
 
 def _data(doc: Document, data: dict) -> None:
@@ -181,12 +207,30 @@ def _export(doc: Document, export: dict) -> None:
         f"has {sum(export['nodes'].values())} nodes and {export['batchnorm_nodes']} "
         f"BatchNormalization, opset {export['opset']}."
     )
-    rows = [_validation_row(Path(export["onnx"]).name, export["validation"])]
-    rows += [_validation_row(Path(v["path"]).name, v["validation"])
-             for v in export["variants"].values()]  # fmt: skip
+    small = export.get("small")
+    if small:
+        fold = small["fold"]
+        doc.text(
+            f"The compressed checkpoint `{small['checkpoint']}` is exported the same way, "
+            f"beside it: **{fold['folded']} folded**, {fold['kept']} kept, at most "
+            f"{_g(fold['max_abs_diff'])} from the unfolded model; "
+            f"{sum(small['nodes'].values())} nodes."
+        )
+    rows = []
+    for e in (export, small) if small else (export,):
+        rows.append(_validation_row(Path(e["onnx"]).name, e["validation"]))
+        rows += [_validation_row(Path(v["path"]).name, v["validation"])
+                 for v in e["variants"].values()]  # fmt: skip
     doc.table(["file", "precision", "check", "max abs diff", "images", "top-1 PyTorch",
                "top-1 ONNX"], rows)  # fmt: skip
-    doc.details("The full export report (`export.txt`)", export["text"])
+    doc.details("The full export report (`export.txt`)", _export_text(export))
+
+
+def _export_text(export: dict) -> str:
+    small = export.get("small")
+    if not small:
+        return export["text"]
+    return f"{export['text']}\n\ncompressed model ({small['checkpoint']}):\n{small['text']}"
 
 
 def _validation_row(name: str, v: dict) -> list:
@@ -236,6 +280,76 @@ def _backends(doc: Document, bench: dict, out: Path) -> None:
     doc.image(bench["plot"], "p50 latency and throughput by batch size")
 
 
+def _compression(doc: Document, c: dict) -> None:
+    doc.heading("Compression")
+    o, target = c["original"], c["target"]
+    aim = (f"{target['speedup']:g}x fewer MACs" if "speedup" in target
+           else f"{target['latency_ms']:g} ms at batch 1 on {target['backend']}")  # fmt: skip
+    teacher = (f"distilled from the original (weight {c['distill_weight']:g})"
+               if c["distill_weight"] > 0 else "on the labels alone")  # fmt: skip
+    tuned = (f"fine-tuned {c['epochs']} epoch(s) on `{c['dataset']}` {teacher}"
+             if c["epochs"] else "not fine-tuned (epochs: 0)")  # fmt: skip
+    doc.text(
+        f"`convforge compress` pruned whole channels (Torch-Pruning, importance "
+        f"{c['importance']}) in {c['planned_rounds']} planned round(s) towards {aim}, each "
+        f"{tuned}, and kept the last round within {c['max_drop']:g} top-1 points of the "
+        f"original: round {c['kept']}, **"
+        f"{c['speedup']:.2f}x fewer MACs** ({o['macs'] / 1e6:,.1f} M -> {c['macs'] / 1e6:,.1f} "
+        f"M), top-1 **{o['top1']:.2%} -> {c['top1']:.2%}** (PyTorch, the validation split). "
+        f"Checkpoint `{c['checkpoint']}`, in {c['seconds']:.0f} s."
+    )
+    latency = ["p50 ms"] if "latency_ms" in o else []
+    doc.table(["", "target MMACs", "MMACs", "fewer MACs", "M params", "top-1", "pts",
+               *latency, ""], _compress_rows(c, bool(latency)))  # fmt: skip
+
+
+def _compress_rows(c: dict, latency: bool) -> list[list]:
+    """The original, then each round: MACs, parameters, top-1, verdict (and latency)."""
+    o = c["original"]
+
+    def row(label, r, target, verdict):
+        drop = "" if r is o else f"{100 * (r['top1'] - o['top1']):+.2f}"
+        return [label, target, f"{r['macs'] / 1e6:,.1f}", f"{o['macs'] / r['macs']:.2f}x",
+                f"{r['params'] / 1e6:.3f}", _pct(r["top1"]), drop,
+                *([f"{r['latency_ms']:.3f}"] if latency else []), verdict]  # fmt: skip
+
+    rows = [row("original", o, "", "")]
+    for r in c["rounds"]:
+        verdict = ("kept" if r["round"] == c["kept"] else "within" if r["passed"]
+                   else "over the budget")  # fmt: skip
+        rows.append(row(f"round {r['round']}", r, f"{r['target_macs'] / 1e6:,.1f}", verdict))
+    return rows
+
+
+def _tradeoff(doc: Document, results: dict, plan, chart_path) -> None:
+    """The accuracy-latency chart (:mod:`.tradeoff`, drawn to ``chart_path()`` when it has
+    a point), its points and the recommendation."""
+    doc.heading("Accuracy and latency")
+    small = results["export"].get("small")
+    compressed = {Path(f).name for f in exported_files(small)} if small else set()
+    pts = tradeoff.points(plan, results["bench"]["records"], compressed)
+    bs = tradeoff.batch_size(plan)
+    doc.text(
+        f"Every model x precision x backend tune measured at batch {bs}: its p50 latency "
+        "(the fastest of its settings, timed in tune's interleaved rounds) against its top-1 "
+        "on tune's images. A point over the accuracy budget was not timed by tune; it sits at "
+        "its latency in the bench tables, faded."
+    )
+    if not pts:
+        doc.text(f"No configuration has both a latency and a top-1 at batch {bs}.")
+        return
+    chart = chart_path()
+    tradeoff.draw(pts, plan, chart)
+    doc.image(CHART, f"top-1 against p50 latency at batch {bs}", source=chart)
+    doc.table(
+        ["file", "model", "precision", "backend", "p50 ms", "top-1", "pts", "budget", "timed by"],
+        [[f"`{p.file}`", p.model, p.precision, p.backend, f"{p.p50_ms:.3f}", _pct(p.top1),
+          f"{p.delta_points:+.2f}", ("**recommended**" if p.recommended else "within")
+          if p.within else "over", p.timed_by] for p in pts],
+    )  # fmt: skip
+    doc.text(tradeoff.why(pts, plan))
+
+
 def _recommendation(doc: Document, plan) -> None:
     doc.heading("Recommendation")
     acc = plan.accuracy
@@ -265,7 +379,7 @@ def _why(plan, entry) -> str:
     rejected = [c for c in same if c["status"] == "rejected"]
     reference = [c for c in measured if c["file"] == plan.model]
     text = f"Batch {entry.batch_size}: {entry.backend} on `{Path(entry.file).name}` "
-    text += f"had the lowest p50 of {len(measured)} candidates measured to the end"
+    text += f"had the lowest p50 of {_count(len(measured), 'candidate')} measured to the end"
     if len(measured) > 1:
         second = measured[1]
         text += (f", {second['p50_ms'] / entry.p50_ms:.2f}x faster than the runner-up "
@@ -298,6 +412,10 @@ def _commands(doc: Document, out: Path, plan, data: dict) -> None:
         f"{data['sample_class']!r}):"
     )
     doc.code(f"convforge predict {model} {sample} --plan {plan_path}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _options(options: dict) -> str:

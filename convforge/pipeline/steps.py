@@ -1,26 +1,31 @@
-"""The pipeline's stages and the bookkeeping that lets a run reuse and resume them.
+"""The pipeline's steps and the bookkeeping that lets a run reuse and resume them.
 
     run = Run(recipe, Path("runs/default"), force=False)
-    for stage in STAGES:    # data, init, pretrain, train, export, tune, bench
-        run.run(stage)
+    for step in STEPS:    # data, init, pretrain, train, compress, export, tune, bench
+        run.run(step)
 
-Each stage has a fingerprint: a hash of its own recipe settings and the
-fingerprints of the stages it reads from. A stage writes its files through
+Each step has a fingerprint: a hash of its own recipe settings and the
+fingerprints of the steps it reads from. A step writes its files through
 :meth:`Run.output` (staged under temporary names); when it finishes, they
 replace their old versions together with its stamp: its result (a small JSON
 record the report is built from) with the fingerprint, in
-``<run>/.stages/<name>.json``. A stage that fails leaves no new file and
+``<run>/.steps/<name>.json``. A step that fails leaves no new file and
 every old one as it was. A later run
 with the same fingerprint, and every output still there, reuses the stamp
 instead of running again; a changed setting upstream changes every
-fingerprint below it, so exactly the stages that depend on it rerun.
+fingerprint below it, so exactly the steps that depend on it rerun.
 ``force`` reruns everything.
 
-An interrupted run has no stamp for the stage it was in. Training runs in
-``.stages/<name>.partial`` and replaces ``<name>/`` whole when it is done;
-interrupted, it resumes from that folder's ``last.pt`` when it was started
-with the same fingerprint (``.stages/<name>.started``). The other stages are
+An interrupted run has no stamp for the step it was in. Training and
+compression run in ``.steps/<name>.partial`` and replace ``<name>/`` whole
+when they are done; interrupted, they resume from that folder (training from
+its ``last.pt``, compression from its finished rounds) when they were started
+with the same fingerprint (``.steps/<name>.started``). The other steps are
 short and start over, so nothing half-written is ever reused.
+
+The optional compress step makes the train step's ``best.pt`` smaller
+(``compress/small.pt``); export then writes ``small.onnx`` and its variants
+beside ``model.onnx`` and its own, and tune and bench take every file.
 """
 
 from __future__ import annotations
@@ -37,24 +42,25 @@ from pathlib import Path
 
 from convforge import __version__
 from convforge.files import Staging, ensure_dir, together, write_text
+from convforge.pipeline import deploy
 from convforge.pipeline.recipe import Recipe
 
-STAMPS = ".stages"
+STAMPS = ".steps"
 INITS = ("small", "xavier", "kaiming")
 INIT_ACTIVATIONS = ("relu", "tanh")
 
 
 @dataclass(frozen=True)
-class Stage:
+class Step:
     name: str
-    inputs: tuple[str, ...]  # the stages whose outputs it reads
+    inputs: tuple[str, ...]  # the steps whose outputs it reads
     settings: Callable[[Recipe], object]  # the recipe's part that shapes its outputs
     body: Callable[[Run], dict]  # does the work; returns the result record ("outputs": files)
     wanted: Callable[[Recipe], bool] = lambda recipe: True
 
 
 class Run:
-    """One run folder: the recipe, the stages' results so far, and how to say progress."""
+    """One run folder: the recipe, the steps' results so far, and how to say progress."""
 
     def __init__(self, recipe: Recipe, out: Path, force: bool = False, log=print,
                  progress: bool = True):  # fmt: skip
@@ -63,33 +69,33 @@ class Run:
         self.results: dict[str, dict] = {}
         self.fingerprints: dict[str, str] = {}
         self.reused: list[str] = []
-        self.started_fingerprint: str | None = None  # of the stage running now
-        self.staging: Staging | None = None  # the running stage's files, until it finishes
+        self.started_fingerprint: str | None = None  # of the step running now
+        self.staging: Staging | None = None  # the running step's files, until it finishes
         self._data = None
 
-    def run(self, stage: Stage) -> None:
-        """Run ``stage``, or reuse its stamp when nothing it depends on changed."""
-        if not stage.wanted(self.recipe):
+    def run(self, step: Step) -> None:
+        """Run ``step``, or reuse its stamp when nothing it depends on changed."""
+        if not step.wanted(self.recipe):
             return
-        fp = self.fingerprint(stage)
+        fp = self.fingerprint(step)
         stamps = ensure_dir(self.out / STAMPS)
-        stamp = stamps / f"{stage.name}.json"
+        stamp = stamps / f"{step.name}.json"
         old = _read_json(stamp)
         if (
             not self.force
             and old.get("fingerprint") == fp
             and all((self.out / f).exists() for f in old["result"].get("outputs", []))
         ):
-            self.log(f"{stage.name}: reused ({old['seconds']:.0f} s saved; --force reruns it)")
-            self.results[stage.name] = old["result"]
-            self.reused.append(stage.name)
+            self.log(f"{step.name}: reused ({old['seconds']:.0f} s saved; --force reruns it)")
+            self.results[step.name] = old["result"]
+            self.reused.append(step.name)
             return
-        self.log(f"{stage.name}: running ...")
+        self.log(f"{step.name}: running ...")
         started = time.perf_counter()
         self.started_fingerprint = fp
         try:
             with together() as self.staging:  # its outputs, then its stamp, or nothing
-                result = stage.body(self)
+                result = step.body(self)
                 seconds = time.perf_counter() - started
                 finished = datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"
@@ -101,26 +107,26 @@ class Run:
                 )
         finally:
             self.staging = None
-        self.results[stage.name] = result
-        self.log(f"{stage.name}: done in {seconds:.0f} s")
+        self.results[step.name] = result
+        self.log(f"{step.name}: done in {seconds:.0f} s")
 
-    def fingerprint(self, stage: Stage) -> str:
-        settings = stage.settings(self.recipe)
+    def fingerprint(self, step: Step) -> str:
+        settings = step.settings(self.recipe)
         if dataclasses.is_dataclass(settings):
             settings = dataclasses.asdict(settings)
-        upstream = {name: self.fingerprints.get(name) for name in stage.inputs}
-        text = json.dumps({"stage": stage.name, "settings": settings, "upstream": upstream},
+        upstream = {name: self.fingerprints.get(name) for name in step.inputs}
+        text = json.dumps({"step": step.name, "settings": settings, "upstream": upstream},
                           sort_keys=True, default=str)  # fmt: skip
-        self.fingerprints[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return self.fingerprints[stage.name]
+        self.fingerprints[step.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self.fingerprints[step.name]
 
     def output(self, name: str | Path) -> Path:
-        """Where the running stage writes its file ``name`` (relative to the run folder): a
-        temporary path that becomes ``<run>/<name>`` when the stage finishes."""
+        """Where the running step writes its file ``name`` (relative to the run folder): a
+        temporary path that becomes ``<run>/<name>`` when the step finishes."""
         return self.staging.file(self.out / name)
 
     def data(self):
-        """The training dataset, split as the train stage splits it (loaded once)."""
+        """The training dataset, split as the train step splits it (loaded once)."""
         from convforge.builder.data.sources import load_dataset
 
         if self._data is None:
@@ -138,9 +144,34 @@ class Run:
         return images, list(val.targets)
 
     def model_files(self) -> list[str]:
-        """The exported .onnx files: fp32 first, then its variants."""
+        """The exported .onnx files: the original fp32 first, then its variants, then the
+        compressed model's fp32 and variants (when the recipe compresses)."""
         export = self.results["export"]
-        return [export["onnx"], *(v["path"] for v in export["variants"].values())]
+        exports = [export] + ([export["small"]] if "small" in export else [])
+        return [f for e in exports for f in deploy.exported_files(e)]
+
+    # -- the partial folder of a long step (training, compression) ------------------------
+
+    def partial(self, name: str) -> Path:
+        """The folder step ``name`` works in until it finishes and the folder becomes
+        ``<run>/<name>``."""
+        return self.out / STAMPS / f"{name}.partial"
+
+    def resumable(self, name: str) -> bool:
+        """Whether ``name``'s partial folder holds an interrupted run of these very settings
+        (and ``force`` is off)."""
+        started = _read_text(self.out / STAMPS / f"{name}.started")
+        same = started == self.started_fingerprint
+        return same and not self.force and self.partial(name).exists()
+
+    def start_afresh(self, name: str) -> Path:
+        """``name``'s partial folder, emptied (created) and stamped with the running step's
+        fingerprint, so an interruption from here on resumes."""
+        partial = self.partial(name)
+        if partial.exists():
+            shutil.rmtree(partial)
+        write_text(self.out / STAMPS / f"{name}.started", self.started_fingerprint)
+        return ensure_dir(partial)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -205,24 +236,20 @@ def _init(run: Run) -> dict:
 
 
 def _train_run(run: Run, name: str, start: Callable[[object], object]) -> dict:
-    """Train into ``<run>/<name>``, which the finished stage replaces whole (an older folder
-    stays until then). Training happens in ``.stages/<name>.partial``: its last.pt is resumed
+    """Train into ``<run>/<name>``, which the finished step replaces whole (an older folder
+    stays until then). Training happens in ``.steps/<name>.partial``: its last.pt is resumed
     when the same run was interrupted, else the folder is cleared and ``start(folder)``
     trains afresh."""
     from convforge.builder.training.trainer import train
 
-    partial = _partial(run, name)
-    started = run.out / STAMPS / f"{name}.started"
+    partial = run.partial(name)
     last = partial / "last.pt"
-    if not run.force and last.exists() and _read_text(started) == run.started_fingerprint:
+    if run.resumable(name) and last.exists():
         run.log(f"{name}: resuming the interrupted run from {last}")
         result = train(None, None, resume=last, progress=run.progress)
     else:
-        if partial.exists():
-            shutil.rmtree(partial)
-        write_text(started, run.started_fingerprint)
-        result = start(partial)
-    run.staging.adopt(partial, run.out / name)  # kept for resuming if the stage fails
+        result = start(run.start_afresh(name))
+    run.staging.adopt(partial, run.out / name)  # kept for resuming if the step fails
     best = result.history[result.best_epoch - 1]
     return {
         "folder": name,
@@ -265,14 +292,8 @@ def _train(run: Run) -> dict:
 
     result = _train_run(run, "train", start)
     if recipe.finetune is not None:
-        result["transfer"] = _transfer_record(_partial(run, "train") / "best.pt")
+        result["transfer"] = _transfer_record(run.partial("train") / "best.pt")
     return result
-
-
-def _partial(run: Run, name: str) -> Path:
-    """The folder training ``name`` runs in until the stage finishes and it becomes
-    ``<run>/<name>``."""
-    return run.out / STAMPS / f"{name}.partial"
 
 
 def _transfer_record(checkpoint: Path) -> dict:
@@ -280,62 +301,6 @@ def _transfer_record(checkpoint: Path) -> dict:
     from convforge.builder.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint).transfer or {}
-
-
-# -- export, tune, bench -----------------------------------------------------------------------
-
-
-def _export(run: Run) -> dict:
-    from convforge.export import export_checkpoint
-
-    checkpoint = run.out / run.results["train"]["checkpoint"]
-    report = export_checkpoint(
-        checkpoint, run.out / "model.onnx", run.recipe.export, staging=run.staging
-    )
-    record = report.as_dict()
-    run.output("export.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    run.output("export.txt").write_text(report.format() + "\n", encoding="utf-8")
-    files = [report.onnx, *(v["path"] for v in record["variants"].values())]
-    record["outputs"] = [Path(f).name for f in files] + ["export.json", "export.txt"]
-    record["text"] = report.format()
-    record["onnx"] = str(Path(report.onnx).resolve())
-    for v in record["variants"].values():
-        v["path"] = str(Path(v["path"]).resolve())
-    return record
-
-
-def _tune(run: Run) -> dict:
-    from convforge.runtime.tune import tune
-
-    images, labels = run.val_images()
-    section = run.recipe.tune
-    plan = tune(run.model_files(), images, labels, section.settings, section.backends,
-                progress=run.progress, dataset=run.recipe.train.dataset)  # fmt: skip
-    plan.write(run.output("plan.json"))
-    return {"plan": "plan.json", "outputs": ["plan.json"]}
-
-
-def _bench(run: Run) -> dict:
-    from convforge.runtime import bench
-    from convforge.runtime.environment import environment
-
-    section = run.recipe.bench
-    # A backend the recipe names that cannot run one of the files (torch: fp32 only) is
-    # listed as not run in the report, as with every backend available here.
-    records, skipped = bench.bench_matrix(
-        run.model_files(), section.backends, section.settings, labelled=run.val_images(),
-        skip_failures=True,
-    )  # fmt: skip
-    env = environment()
-    bench.write_json(run.output("bench.json"), records, env)
-    bench.plot(run.output("latency.png"), records)
-    return {
-        "records": records,
-        "skipped": skipped,
-        "environment": env,
-        "plot": "latency.png",
-        "outputs": ["bench.json", "latency.png"],
-    }
 
 
 def _training_settings(key: str):
@@ -359,26 +324,33 @@ def _data_settings(recipe: Recipe) -> dict:
     }
 
 
-STAGES = (
-    Stage("data", (), _data_settings, _data),
-    Stage(
+STEPS = (
+    Step("data", (), _data_settings, _data),
+    Step(
         "init",
         (),
         lambda r: [r.report.init_seeds, __version__],
         _init,
         wanted=lambda r: r.report.init_diagnostic,
     ),  # fmt: skip
-    Stage(
+    Step(
         "pretrain",
         (),
         _training_settings("pretrain"),
         _pretrain,
         wanted=lambda r: r.pretrain is not None,
     ),  # fmt: skip
-    Stage("train", ("pretrain",), _training_settings("train"), _train),
-    Stage("export", ("train",), lambda r: [r.export, __version__], _export),
-    Stage("tune", ("export",), lambda r: [r.tune.settings, r.tune.backends], _tune),
-    Stage("bench", ("export",), lambda r: [r.bench.settings, r.bench.backends], _bench),
+    Step("train", ("pretrain",), _training_settings("train"), _train),
+    Step(
+        "compress",
+        ("train",),
+        lambda r: [r.compress, __version__],
+        deploy.compress_step,
+        wanted=lambda r: r.compress is not None,
+    ),  # fmt: skip
+    Step("export", ("train", "compress"), lambda r: [r.export, __version__], deploy.export_step),
+    Step("tune", ("export",), lambda r: [r.tune.settings, r.tune.backends], deploy.tune_step),
+    Step("bench", ("export",), lambda r: [r.bench.settings, r.bench.backends], deploy.bench_step),
 )
 
 

@@ -1,4 +1,4 @@
-"""`convforge pipeline` end to end on a tiny recipe, then again reusing every stage;
+"""`convforge pipeline` end to end on a tiny recipe, then again reusing every step;
 `convforge demo` is the default recipe."""
 
 import json
@@ -36,23 +36,23 @@ def test_tiny_recipe_end_to_end_then_reused(tiny_run, capsys):
     assert main(["pipeline", str(recipe), "--out", str(out), "--json"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["reused"] == []
-    stages = first["stages"]
-    assert set(stages) == {"data", "init", "train", "export", "tune", "bench"}
+    steps = first["steps"]
+    assert set(steps) == {"data", "init", "train", "export", "tune", "bench"}
     for name in ("model.onnx", "model.pt2", "model.fp16.onnx", "model.int8.onnx",
                  "model.uint8.onnx", "model.int8.uint8.onnx", "train/best.pt",
                  "train/metrics.csv", "train/curves.png", "plan.json", "bench.json",
                  "latency.png", "data.png", "sample.png", "init-relu.png", "export.json",
                  "report.md", "report.html", "report.json"):  # fmt: skip
         assert (out / name).exists(), name
-    assert stages["train"]["epochs"] == 2 and stages["export"]["validation"]["passed"]
-    backends = {(r["backend"], r["precision"]) for r in stages["bench"]["records"]}
+    assert steps["train"]["epochs"] == 2 and steps["export"]["validation"]["passed"]
+    backends = {(r["backend"], r["precision"]) for r in steps["bench"]["records"]}
     assert {("ort-cpu", "fp32"), ("ort-cpu", "int8"), ("torch", "fp32")} == backends - {
         ("ort-cpu", "fp16")
     }
     # torch, named in the recipe, runs the fp32 program only: the others are listed, not fatal.
-    skipped = stages["bench"]["skipped"]
+    skipped = steps["bench"]["skipped"]
     assert any("model.int8.onnx is an int8 variant, which has none" in s for s in skipped)
-    assert all(r["top1_accuracy"] > 0.5 for r in stages["bench"]["records"])
+    assert all(r["top1_accuracy"] > 0.5 for r in steps["bench"]["records"])
 
     md = (out / "report.md").read_text()
     sections = ["## Data", "## Training", "## Initialization diagnostic", "## Export",
@@ -73,7 +73,7 @@ def test_tiny_recipe_end_to_end_then_reused(tiny_run, capsys):
     assert main(["pipeline", str(recipe), "--out", str(out), "--json"]) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["reused"] == ["data", "init", "train", "export", "tune", "bench"]
-    assert second["stages"]["train"] == stages["train"]
+    assert second["steps"]["train"] == steps["train"]
 
     # The command it prints runs: predict with the plan on the sample image.
     assert main(["predict", str(out / "model.onnx"), str(out / "sample.png"),
@@ -85,7 +85,7 @@ def test_tiny_recipe_end_to_end_then_reused(tiny_run, capsys):
 @pytest.mark.slow
 def test_a_changed_tune_setting_reruns_tune_only(tiny_run, capsys):
     out = tiny_run / "run"
-    if not (out / ".stages" / "bench.json").exists():
+    if not (out / ".steps" / "bench.json").exists():
         pytest.skip("needs the end-to-end run above")
     changed = tiny_run / "changed.yaml"
     changed.write_text(TINY.replace("budget_seconds: 3", "budget_seconds: 2"))
