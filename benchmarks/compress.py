@@ -28,6 +28,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ def compressed(arch: str, checkpoint: Path, a) -> dict:
         if cached["options"] == want:
             return cached["result"]
     out.unlink(missing_ok=True)
+    shutil.rmtree(work / "onnx", ignore_errors=True)  # exports of an older compressed model
     cmd = [
         sys.executable,
         "-m",
