@@ -126,6 +126,13 @@ def test_an_interrupted_compress_resumes_to_the_same_weights(trained, tmp_path, 
     assert untimed(resumed.record["rounds"]) == untimed(straight.record["rounds"])
 
 
+def test_a_latency_target_the_original_meets_is_refused_and_writes_nothing(trained, tmp_path):
+    opts = _opts(trained, tmp_path, speedup=None, latency_ms=2.0)
+    with pytest.raises(UserError, match=r"already runs in 1.50 ms, within --latency-ms 2"):
+        compress(opts, latency=lambda model: 1.5, log=_quiet, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_work_folder_of_another_run_is_not_reused(trained, tmp_path):
     work = tmp_path / "small.pt.rounds"
     work.mkdir()

@@ -246,7 +246,7 @@ class _Job:
         t0 = time.perf_counter()
         pruned = folder / "pruned.pt"
         if not pruned.exists():
-            model = _copy(previous)
+            model = copy.deepcopy(previous)
             prune_to(model, self.example, target_macs, self.opts.importance,
                      loss_batches=self.taylor_batches(model))  # fmt: skip
             save_checkpoint(pruned, self.payload(model, epoch=0))
@@ -278,7 +278,7 @@ class _Job:
         last = folder / "last.pt"
         distill = None
         if self.opts.distill_weight > 0:
-            distill = Distillation(_copy(self.teacher), self.opts.distill_weight,
+            distill = Distillation(copy.deepcopy(self.teacher), self.opts.distill_weight,
                                    self.opts.temperature)  # fmt: skip
         cfg = dataclasses.replace(self.cfg, out=str(folder))
         if last.exists():
@@ -398,10 +398,6 @@ def _claim(work: Path, opts: CompressOptions, source: Checkpoint) -> None:
         return
     ensure_dir(work)
     write_text(stamp, json.dumps(want, indent=2) + "\n")
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
 
 
 def _line(result: dict, original: dict, note: str) -> str:
