@@ -8,6 +8,7 @@ import torch
 from convforge.builder.checkpoint import load_checkpoint
 from convforge.builder.compress import job
 from convforge.builder.compress.job import CompressOptions, compress
+from convforge.builder.registry import build_model
 from convforge.builder.training import trainer
 from convforge.builder.training.config import TrainConfig, recipe_model
 from convforge.builder.training.distill import Distillation
@@ -38,8 +39,10 @@ def trained(tmp_path_factory):
 
 
 def _opts(trained, tmp_path, **kw) -> CompressOptions:
+    # round_to 1: this 8-wide model's widths are all multiples of 8, so 16 would leave
+    # its first stage as it is (test_round_to_* below)
     base = dict(checkpoint=str(trained), out=str(tmp_path / "small.pt"), speedup=2.0, rounds=2,
-                epochs=1, max_drop=100.0)  # fmt: skip
+                epochs=1, max_drop=100.0, round_to=1)  # fmt: skip
     return CompressOptions(**{**base, **kw})
 
 
@@ -133,6 +136,39 @@ def test_a_latency_target_the_original_meets_is_refused_and_writes_nothing(train
     assert list(tmp_path.iterdir()) == []
 
 
+def test_round_to_keeps_widths_multiples_and_is_recorded(trained, tmp_path):
+    result = compress(_opts(trained, tmp_path, round_to=8, rounds=1, epochs=0), log=_quiet,
+                      progress=False)  # fmt: skip
+    small = load_checkpoint(result.out)
+    assert result.record["round_to"] == 8 and result.record["speedup"] >= 2.0
+    convs = [m for m in small.build_model().modules() if isinstance(m, torch.nn.Conv2d)]
+    assert small.model_config.widths and all(m.out_channels % 8 == 0 for m in convs)
+
+
+def test_a_target_out_of_reach_of_round_to_says_so_and_writes_nothing(trained, tmp_path):
+    # Widths 8/16/32/64 in multiples of 16: the first stage cannot shrink, the second only
+    # to 16: a 4x cut is out of reach
+    opts = _opts(trained, tmp_path, speedup=4.0, rounds=1, epochs=0, round_to=16)
+    with pytest.raises(
+        UserError,
+        match=r"multiples of 16, this model gets no smaller than .*"
+        r"short of the round's target 4.00x.*--round-to 8",
+    ):
+        compress(opts, log=_quiet, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_round_to_gives_way_to_a_multi_group_norm():
+    lines = []
+    grouped = build_model(dataclasses.replace(
+        recipe_model("resnet18", 16, norm="group", num_groups=4, options={"base_width": 8}),
+        num_classes=10, in_channels=1))  # fmt: skip
+    assert job._round_to(16, grouped, lines.append) is None
+    assert lines == ["widths stay multiples of the group norm's 4 groups, not of --round-to 16"]
+    plain = build_model(dataclasses.replace(recipe_model("resnet18", 16), num_classes=10))
+    assert job._round_to(16, plain, lines.append) == 16 and job._round_to(1, plain, print) is None
+
+
 def test_a_work_folder_of_another_run_is_not_reused(trained, tmp_path):
     work = tmp_path / "small.pt.rounds"
     work.mkdir()
@@ -152,6 +188,7 @@ def test_a_work_folder_of_another_run_is_not_reused(trained, tmp_path):
         (["--speedup", "2", "--rounds", "0"], "--rounds"),
         (["--speedup", "2", "--distill-weight", "1.5"], "--distill-weight"),
         (["--latency-ms", "-1"], "--latency-ms must be > 0"),
+        (["--speedup", "2", "--round-to", "0"], "--round-to"),
     ],
 )
 def test_bad_options_are_one_line_before_any_work(argv, message, tmp_path, capsys):

@@ -177,6 +177,20 @@ def test_round_to_and_ignored_layers():
         prune_to(grouped, x, 1, "l1", round_to=8)
 
 
+def test_round_to_takes_the_nearest_multiple_not_the_floor():
+    # torch-pruning floors: a 32-wide stem would drop to 16 at the first step with round_to
+    # 16 and a 20% MAC cut would become about 50%. The nearest multiple keeps it at 32 until
+    # its schedule says 24, and the cut stays near the target.
+    cfg, model = _build(arch="resnet18", stem="small", options={"base_width": 32})
+    x = _example(cfg, 16)
+    macs = macs_and_params(model, x)[0]
+    reached = prune_to(model, x, int(macs * 0.8), "l1", round_to=16, max_steps=100)
+    widths = layer_widths(model)
+    assert all(w[0] % 16 == 0 for name, w in widths.items() if name != "fc")
+    assert widths["conv1"][0] == 32 and widths["layer1.0.conv1"][0] == 32
+    assert 0.6 * macs < reached <= 0.8 * macs
+
+
 @pytest.mark.parametrize(
     ("fields", "folded"),
     [(dict(arch="resnet18", **RESNET), 20),

@@ -19,7 +19,7 @@ TINY = """\
 name: tinyc
 model: {arch: resnet18, stem: small, options: {base_width: 8}}
 train: {dataset: 'synthetic:classes=4,size=16,per_class=30', input_size: 16, epochs: 1}
-compress: {speedup: 1.5, rounds: 1, epochs: 1, max_drop: 100}
+compress: {speedup: 1.5, rounds: 1, epochs: 1, max_drop: 100, round_to: 1}
 export: {int8: true, calib_samples: 32, val_samples: 32}
 tune: {batch_sizes: [1], budget_seconds: 1, rounds: 1, iters: 3, max_drop: 100,
        backends: [ort-cpu]}

@@ -81,6 +81,12 @@ class CompressOptions:
         "taylor (first-order loss change)",
         choices=IMPORTANCES,
     )
+    round_to: int = setting(
+        16,
+        "keep pruned widths multiples of this (1: any width); int8 CPU kernels work in "
+        "blocks of 16 channels, so an odd width runs as the next multiple",
+        minimum=1, maximum=1024,
+    )  # fmt: skip
     rounds: int = setting(3, "pruning rounds, each followed by fine-tuning", minimum=1)
     epochs: int = setting(3, "fine-tuning epochs per round (0: prune only)", minimum=0)
     distill_weight: float = setting(
@@ -183,6 +189,7 @@ class _Job:
             + (f", {self.original['latency_ms']:.2f} ms" if latency else "")
         )
         self.rounds: list[dict] = []
+        self.round_to = _round_to(opts.round_to, self.teacher, self.log)
 
     # -- the search ----------------------------------------------------------------------
 
@@ -247,8 +254,11 @@ class _Job:
         pruned = folder / "pruned.pt"
         if not pruned.exists():
             model = copy.deepcopy(previous)
-            prune_to(model, self.example, target_macs, self.opts.importance,
-                     loss_batches=self.taylor_batches(model))  # fmt: skip
+            reached = prune_to(model, self.example, target_macs, self.opts.importance,
+                               loss_batches=self.taylor_batches(model),
+                               round_to=self.round_to)  # fmt: skip
+            if reached > target_macs:
+                raise UserError(self.unreachable(reached, target_macs))
             save_checkpoint(pruned, self.payload(model, epoch=0))
         model = self.finetune(folder, load_checkpoint(pruned))
         model.eval()
@@ -312,6 +322,17 @@ class _Job:
             "epoch": epoch,
         }
 
+    def unreachable(self, reached: int, target: int) -> str:
+        """Why a round's MAC target is out of this model's reach, and what gets further."""
+        speedup = self.original["macs"] / reached
+        why = f"pruned to widths that are multiples of {self.round_to}, " if self.round_to else ""
+        hint = " (--round-to 8, or 1 for any width, gets further)" if self.round_to else ""
+        return (
+            f"{why}this model gets no smaller than {reached / 1e6:.2f} M MACs "
+            f"({speedup:.2f}x fewer), short of the round's target "
+            f"{self.original['macs'] / target:.2f}x; ask for less{hint}"
+        )
+
     def taylor_batches(self, model: nn.Module) -> list | None:
         """A few seeded training batches for ``--importance taylor`` (None otherwise)."""
         if self.opts.importance != "taylor":
@@ -352,6 +373,7 @@ class _Job:
             "target": target,
             "max_drop": opts.max_drop,
             "importance": opts.importance,
+            "round_to": self.round_to or 1,
             "planned_rounds": opts.rounds,
             "epochs": opts.epochs,
             "distill_weight": opts.distill_weight,
@@ -378,8 +400,21 @@ def _finetune_config(opts: CompressOptions, trained: TrainConfig) -> TrainConfig
 
 
 # What changes a round's result; a work folder made with other values is not reused.
-_FINGERPRINT = ("importance", "rounds", "epochs", "distill_weight", "temperature", "lr",
+_FINGERPRINT = ("importance", "round_to", "rounds", "epochs", "distill_weight", "temperature", "lr",
                 "batch_size", "dataset", "speedup", "latency_ms", "backend")  # fmt: skip
+
+
+def _round_to(asked: int, model: nn.Module, log) -> int | None:
+    """The ``round_to`` for :func:`prune_to`: None for 1, and for a model with a group norm
+    of several groups, whose widths stay multiples of its groups instead (said in a line)."""
+    groups = max((m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)), default=1)
+    if asked == 1:
+        return None
+    if groups > 1:
+        log(f"widths stay multiples of the group norm's {groups} groups, not of "
+            f"--round-to {asked}")  # fmt: skip
+        return None
+    return asked
 
 
 def _claim(work: Path, opts: CompressOptions, source: Checkpoint) -> None:

@@ -75,9 +75,11 @@ def prune_to(
     ``(images, labels)`` pairs, a few, re-iterable (a list); before each step the
     cross-entropy gradients of all of them are accumulated, in eval mode so that
     BatchNorm statistics stay as they are (ValueError when missing).
-    ``round_to``: keep every pruned width a multiple of it (e.g. 8 for tensor cores);
-    not with a group norm of several groups, which keeps widths divisible by its
-    groups itself. The same model and arguments always prune the same channels.
+    ``round_to``: keep every pruned width the multiple of it nearest to the schedule's
+    (e.g. 16, the channel block of AVX-512 int8 kernels; never below ``round_to``, and
+    a layer narrower than it is left alone); not with a group norm of several groups,
+    which keeps widths divisible by its groups itself. The same model and arguments
+    always prune the same channels.
     Train/eval modes and ``requires_grad`` flags are restored before returning; every
     ``.grad`` is left None (pruned parameters are new tensors: rebuild any optimizer).
     """
@@ -144,7 +146,7 @@ def _pruner(model, example, importance, round_to, ignored, max_steps) -> tp.prun
     for m in inplace:
         m.inplace = False
     try:
-        return tp.pruner.BasePruner(
+        return _NearestRounding(
             model,
             # A tuple: torch-pruning calls model(*example_inputs), which would unpack a bare
             # tensor along the batch dimension.
@@ -159,6 +161,20 @@ def _pruner(model, example, importance, round_to, ignored, max_steps) -> tp.prun
     finally:
         for m in inplace:
             m.inplace = True
+
+
+class _NearestRounding(tp.pruner.BasePruner):
+    """torch-pruning's pruner, rounding each width to the nearest multiple of ``round_to``.
+
+    torch-pruning floors it: with round_to=16 a 64-wide layer drops to 48 at the first 1%
+    step and to 16 once its schedule says 31, so narrow layers lose a quarter or a half at
+    once and the MAC target is overshot (4x asked gave 6.5x on ResNet-18). Its
+    ``_round_to`` hook receives the schedule's width as ``current - n_pruned``.
+    """
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        kept = round_to * int((current_channels - n_pruned) / round_to + 0.5)
+        return max(current_channels - max(kept, round_to), 0)
 
 
 def _accumulate_gradients(model: nn.Module, batches: list) -> None:
