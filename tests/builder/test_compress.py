@@ -8,6 +8,7 @@ import torch
 from convforge.builder.checkpoint import load_checkpoint
 from convforge.builder.compress import job
 from convforge.builder.compress.job import CompressOptions, compress
+from convforge.builder.compress.pruning import macs_and_params
 from convforge.builder.registry import build_model
 from convforge.builder.training import trainer
 from convforge.builder.training.config import TrainConfig, recipe_model
@@ -152,10 +153,39 @@ def test_a_target_out_of_reach_of_round_to_says_so_and_writes_nothing(trained, t
     with pytest.raises(
         UserError,
         match=r"multiples of 16, this model gets no smaller than .*"
-        r"short of the round's target 4.00x.*--round-to 8",
+        r"short of the round's target 4.00x.*a smaller --round-to",
     ):
         compress(opts, log=_quiet, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_target_no_pruning_reaches_says_so_and_writes_nothing(trained, tmp_path):
+    opts = _opts(trained, tmp_path, speedup=1000.0, rounds=1, epochs=0)
+    with pytest.raises(UserError, match=r"^this model gets no smaller than .* target "
+                                        r"1000.\d+x; ask for less$"):  # fmt: skip
+        compress(opts, log=_quiet, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_latency_round_out_of_reach_keeps_the_round_before(trained, tmp_path):
+    # A probe whose latency falls half as fast as the MACs: 2.0 ms for the original. 1.3 ms
+    # asks for 1.54x; round 1 reaches it (16s: at most 1.63x on this model), measures about
+    # 1.65 ms and the extra round aims at about 2x, which multiples of 16 cannot reach.
+    example = torch.zeros(1, 1, 16, 16)
+    original = macs_and_params(load_checkpoint(trained).build_model(), example)[0]
+
+    def probe(model):
+        return 1.0 + macs_and_params(model, example)[0] / original
+
+    lines = []
+    opts = _opts(trained, tmp_path, speedup=None, latency_ms=1.3, rounds=1, epochs=0,
+                 round_to=16)  # fmt: skip
+    result = compress(opts, latency=probe, log=lines.append, progress=False)
+    assert result.record["kept"] == 1 and len(result.record["rounds"]) == 1
+    assert any(
+        line.startswith("round 2: pruned to widths that are multiples of 16") for line in lines
+    )
+    assert lines[-1].startswith("latency target missed")
 
 
 def test_round_to_gives_way_to_a_multi_group_norm():

@@ -41,7 +41,12 @@ from convforge.builder.checkpoint import (
     read_weights_file,
     save_checkpoint,
 )
-from convforge.builder.compress.pruning import IMPORTANCES, macs_and_params, prune_to
+from convforge.builder.compress.pruning import (
+    IMPORTANCES,
+    macs_and_params,
+    norm_groups,
+    prune_to,
+)
 from convforge.builder.data import augment
 from convforge.builder.registry import build_model
 from convforge.builder.training.config import TrainConfig
@@ -214,7 +219,13 @@ class _Job:
                 target = original["macs"] / goal
             else:
                 target = original["macs"] / goal ** (r / opts.rounds)
-            result, model = self.round(r, model, int(target))
+            try:
+                result, model = self.round(r, model, int(target))
+            except _OutOfReach as e:
+                if r <= opts.rounds:
+                    raise
+                self.log(f"round {r}: {e}")  # a latency round: the kept round stands
+                break
             self.rounds.append(result)
             if not result["passed"]:
                 break
@@ -258,7 +269,7 @@ class _Job:
                                loss_batches=self.taylor_batches(model),
                                round_to=self.round_to)  # fmt: skip
             if reached > target_macs:
-                raise UserError(self.unreachable(reached, target_macs))
+                raise _OutOfReach(self.unreachable(reached, target_macs))
             save_checkpoint(pruned, self.payload(model, epoch=0))
         model = self.finetune(folder, load_checkpoint(pruned))
         model.eval()
@@ -326,7 +337,7 @@ class _Job:
         """Why a round's MAC target is out of this model's reach, and what gets further."""
         speedup = self.original["macs"] / reached
         why = f"pruned to widths that are multiples of {self.round_to}, " if self.round_to else ""
-        hint = " (--round-to 8, or 1 for any width, gets further)" if self.round_to else ""
+        hint = " (a smaller --round-to, or 1 for any width, gets further)" if self.round_to else ""
         return (
             f"{why}this model gets no smaller than {reached / 1e6:.2f} M MACs "
             f"({speedup:.2f}x fewer), short of the round's target "
@@ -385,6 +396,10 @@ class _Job:
         }
 
 
+class _OutOfReach(UserError):
+    """A round's MAC target is beyond what pruning this model can reach."""
+
+
 def _finetune_config(opts: CompressOptions, trained: TrainConfig) -> TrainConfig:
     """The trainer's settings for one round: the original's, shorter and gentler."""
     lr = opts.lr if opts.lr is not None else 0.1 * trained.resolved().lr
@@ -407,7 +422,7 @@ _FINGERPRINT = ("importance", "round_to", "rounds", "epochs", "distill_weight", 
 def _round_to(asked: int, model: nn.Module, log) -> int | None:
     """The ``round_to`` for :func:`prune_to`: None for 1, and for a model with a group norm
     of several groups, whose widths stay multiples of its groups instead (said in a line)."""
-    groups = max((m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)), default=1)
+    groups = norm_groups(model)
     if asked == 1:
         return None
     if groups > 1:

@@ -188,13 +188,18 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (_BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm))
 
 
+def norm_groups(model: nn.Module) -> int:
+    """The most groups of any group norm in ``model`` (1 without one)."""
+    return max((m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)), default=1)
+
+
 def _check_round_to(model: nn.Module) -> None:
     """UserError when ``model`` has a group norm of several groups: torch-pruning removes
     one channel per group there, and its rounding counts those per-group channels against
     whole widths, which prunes too much."""
-    groups = sorted({m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)})
-    if groups and groups[-1] > 1:
+    groups = norm_groups(model)
+    if groups > 1:
         raise UserError(
-            f"--round-to cannot be combined with group norm ({groups[-1]} groups): pruning "
+            f"--round-to cannot be combined with group norm ({groups} groups): pruning "
             "removes one channel from each group, so widths stay divisible by the groups"
         )
