@@ -1,7 +1,7 @@
 """Compress goals (issue 23): a pruned, fine-tuned model against NNCF int8 on the original.
 
     python benchmarks/compress.py [--models resnet18,resnet50] [--speedup 3]
-        [--compress-rounds 3] [--epochs 2] [--rounds 10] [--tune-budget 300]
+        [--compress-rounds 3] [--epochs 2] [--round-to 16] [--rounds 10] [--tune-budget 300]
 
 The models are the ones ``benchmarks/cpu_backends.py`` trains (its cache is
 shared: digits upsampled to 224 px RGB, 30 % held out). For each:
@@ -59,7 +59,7 @@ def compressed(arch: str, checkpoint: Path, a) -> dict:
     out = work / "small.pt"
     stamp = work / "compress.json"
     want = {"speedup": a.speedup, "rounds": a.rounds_compress, "epochs": a.epochs,
-            "max_drop": a.compress_max_drop, "lr": a.lr,
+            "max_drop": a.compress_max_drop, "lr": a.lr, "round_to": a.round_to,
             "source_mtime": checkpoint.stat().st_mtime}  # fmt: skip
     if out.exists() and stamp.exists():
         cached = json.loads(stamp.read_text())
@@ -83,6 +83,8 @@ def compressed(arch: str, checkpoint: Path, a) -> dict:
         str(a.epochs),
         "--max-drop",
         str(a.compress_max_drop),
+        "--round-to",
+        str(a.round_to),
         "--json",
     ]
     cmd += ["--lr", str(a.lr)] if a.lr else []  # fmt: skip
@@ -262,6 +264,7 @@ def main() -> int:
     )
     p.add_argument("--epochs", type=int, default=2, help="compress --epochs (per round)")
     p.add_argument("--lr", type=float, help="compress --lr (default: compress's)")
+    p.add_argument("--round-to", type=int, default=16, help="compress --round-to (1: any width)")
     # The goal's budget (0.5 points) is enforced by tune and the verdicts; compress's own gate
     # is looser by default so that the run always has a compressed point to show.
     p.add_argument("--compress-max-drop", type=float, default=1.0, help="compress --max-drop")
@@ -287,6 +290,7 @@ def main() -> int:
                 "rounds_compress",
                 "epochs",
                 "lr",
+                "round_to",
                 "compress_max_drop",
                 "rounds",
                 "tune_budget",
