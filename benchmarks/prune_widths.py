@@ -1,9 +1,9 @@
 """Does a pruned model's int8 latency follow its MACs? Channel rounding, measured.
 
-    python benchmarks/prune_widths.py [--speedups 2.5,4] [--round-to none,8,16,32]
-        [--rounds 10] [--out benchmarks/results/prune_widths.json]
+    python benchmarks/prune_widths.py [--arch resnet18] [--speedups 2.5,4]
+        [--round-to none,8,16,32] [--rounds 10] [--out benchmarks/results/prune_widths.json]
 
-A ResNet-18 at 224 px (seeded random weights: latency does not depend on their
+A ResNet-18 (or ``--arch``) at 224 px (seeded random weights: latency does not depend on their
 values) is pruned to each MAC speedup with ``compress``'s own pruner
 (``builder.compress.pruning.prune_to``, l1 importance), once per ``--round-to``
 (every pruned width a multiple of it; ``none``: any width). Each is exported with
@@ -42,9 +42,9 @@ from convforge.runtime.environment import environment  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def model_at(speedup: float, round_to: int | None) -> tuple[torch.nn.Module, dict]:
+def model_at(arch: str, speedup: float, round_to: int | None) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
-    model = build_model(recipe_model("resnet18", cb.SIZE, num_classes=10, in_channels=3)).eval()
+    model = build_model(recipe_model(arch, cb.SIZE, num_classes=10, in_channels=3)).eval()
     example = torch.zeros(1, 3, cb.SIZE, cb.SIZE)
     macs0, _ = macs_and_params(model, example)
     if speedup > 1:
@@ -57,6 +57,7 @@ def model_at(speedup: float, round_to: int | None) -> tuple[torch.nn.Module, dic
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18", help="a recipe model name (resnet18, resnet50)")
     p.add_argument("--speedups", default="2.5,4")
     p.add_argument("--round-to", default="none,8,16,32")
     p.add_argument("--rounds", type=int, default=10)
@@ -69,7 +70,7 @@ def main() -> int:
     rows, paths = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for speedup, round_to in points:
-            model, info = model_at(speedup, round_to)
+            model, info = model_at(a.arch, speedup, round_to)
             onnx_path = Path(tmp) / f"m{len(rows)}.onnx"
             cb.peer_onnx(model, onnx_path)
             info.update(speedup_asked=speedup, round_to=round_to)
@@ -84,7 +85,7 @@ def main() -> int:
                 row[f"bs{bs}"] = latency_stats(s, bs)
     ref1, ref32 = rows[0]["bs1"]["p50_ms"], rows[0]["bs32"]["p50_ms"]
     lines = [
-        f"# prune widths ({time.strftime('%Y-%m-%d')}, {environment()['cpu']}, "
+        f"# prune widths: {a.arch} ({time.strftime('%Y-%m-%d')}, {environment()['cpu']}, "
         f"{os.cpu_count()} cores)",
         "",
         "| MAC speedup asked | round_to | MAC speedup | widths | bs1 p50 ms | vs unpruned "
@@ -99,7 +100,8 @@ def main() -> int:
             f"| {' '.join(map(str, r['widths']))} | {b1:.2f} | {b1 / ref1:.3f} "
             f"| {b32:.1f} | {ref32 / b32:.2f} |"
         )
-    doc = {"date": time.strftime("%Y-%m-%d"), "environment": environment(), "rows": rows}
+    doc = {"date": time.strftime("%Y-%m-%d"), "arch": a.arch, "environment": environment(),
+           "rows": rows}  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1))
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
