@@ -422,9 +422,9 @@ _FINGERPRINT = ("importance", "round_to", "rounds", "epochs", "distill_weight", 
 def _round_to(asked: int, model: nn.Module, log) -> int | None:
     """The ``round_to`` for :func:`prune_to`: None for 1, and for a model with a group norm
     of several groups, whose widths stay multiples of its groups instead (said in a line)."""
-    groups = norm_groups(model)
     if asked == 1:
         return None
+    groups = norm_groups(model)
     if groups > 1:
         log(f"widths stay multiples of the group norm's {groups} groups, not of "
             f"--round-to {asked}")  # fmt: skip
